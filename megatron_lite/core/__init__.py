@@ -1,0 +1,1 @@
+"""Model-parallel core: tensor-parallel layers, the GPT model and the datasets."""

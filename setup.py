@@ -1,0 +1,24 @@
+"""Install megatron-lite: `pip install -e .` (add `[dev]` for tests and lint, `[hf]` for HuggingFace interop)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-lite",
+    version="0.1.0",
+    description="Megatron-style GPT pretraining in plain PyTorch: tensor + data parallel, CPU and GPU",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_lite", "megatron_lite.*"]),
+    package_data={"megatron_lite.tokenizer": ["assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.3",
+        "tiktoken>=0.6",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "tensorboard>=2.14",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "ruff>=0.5"],
+        "hf": ["transformers>=4.40", "safetensors>=0.4"],
+    },
+)
