@@ -1,0 +1,103 @@
+"""Process groups for tensor and data parallelism, built from torchrun's environment."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from megatron_lite.errors import fail
+
+
+@dataclass
+class ParallelState:
+    """Where this process sits in the (dp, tp) grid; TP ranks are adjacent, as in Megatron."""
+
+    rank: int = 0
+    world_size: int = 1
+    tp_rank: int = 0
+    tp_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
+    mesh: DeviceMesh | None = None
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_last_rank(self) -> bool:
+        """Megatron logs from the last rank."""
+        return self.rank == self.world_size - 1
+
+    @property
+    def is_first_rank(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """cuda when asked or available (auto), else cpu; under torchrun each rank takes its LOCAL_RANK GPU."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        fail("--device cuda was given but no CUDA GPU is visible; use --device cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def initialize_parallel(
+    tensor_model_parallel_size: int = 1,
+    *,
+    device: str = "auto",
+    backend: str | None = None,
+    timeout_minutes: float = 10.0,
+) -> ParallelState:
+    """Join the process group torchrun describes (if any) and build the (dp, tp) mesh."""
+    torch_device = pick_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 and not dist.is_initialized():
+        if tensor_model_parallel_size != 1:
+            fail(
+                f"--tensor-model-parallel-size {tensor_model_parallel_size} needs that many processes; "
+                f"launch with torchrun --nproc_per_node={tensor_model_parallel_size}"
+            )
+        return ParallelState(device=torch_device)
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=torch_device if torch_device.type == "cuda" else None,
+        )
+    world_size = dist.get_world_size()
+    tp = tensor_model_parallel_size
+    if world_size % tp != 0:
+        fail(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}")
+    mesh = init_device_mesh(torch_device.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    return ParallelState(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        tp_rank=mesh.get_local_rank("tp"),
+        tp_size=tp,
+        dp_rank=mesh.get_local_rank("dp"),
+        dp_size=world_size // tp,
+        tp_group=mesh["tp"].get_group(),
+        dp_group=mesh["dp"].get_group(),
+        mesh=mesh,
+        device=torch_device,
+    )
+
+
+def destroy_parallel() -> None:
+    """Leave the process group so the next run in this process starts clean."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
