@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The quickstart in one command: install, preprocess the bundled Shakespeare, train a small GPT on the CPU
+# (a few minutes), then print a sample. TensorBoard logs go to runs/quickstart, checkpoints to checkpoints/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch" 2>/dev/null || python -m pip install torch==2.13.0   # CPU build on these machines
+python -m pip install --quiet -e .
+python tools/preprocess_data.py --input data/shakespeare.jsonl.gz --output-prefix data/shakespeare \
+    --tokenizer-type ByteTokenizer --append-eod --workers 2
+python pretrain_gpt.py --yaml-cfg configs/quickstart.yaml
+python tools/generate.py --load checkpoints/quickstart --prompt "ROMEO:" --max-new-tokens 400 \
+    --temperature 0.8 --top-k 40 --seed 1
+echo
+echo "TensorBoard: tensorboard --logdir runs/quickstart"
