@@ -1,0 +1,279 @@
+"""Training throughput and MFU of our GPTModel against a plain PyTorch GPT (and HF GPT-2) in the same run.
+
+    python benchmarks/bench_train.py                      # cpu-small, fp32 and bf16 autocast
+    python benchmarks/bench_train.py --dtype fp32 --windows 7 --iters 3
+    python benchmarks/bench_train.py --config gpt2-124m --device cuda
+
+Every contender runs the same training step: forward with the loss, backward, gradient clipping at
+1.0 and AdamW with the same settings (fused, as build_optimizer picks on CPU and CUDA). Timed windows
+are interleaved (ours, plain, HF, ours, plain, HF, ...) so drifts in machine load hit all alike, and
+the median window is reported. FLOPs use Megatron's formula for every model (same shapes, same
+padded vocabulary), and MFU divides by the device peak of megatron_lite.training.flops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.plain_gpt import PlainGPT, PlainGPTConfig  # noqa: E402
+from megatron_lite.config import MegatronConfig  # noqa: E402
+from megatron_lite.core.models.gpt import GPTModel  # noqa: E402
+from megatron_lite.parallel_state import ParallelState  # noqa: E402
+from megatron_lite.training.flops import device_peak_flops, num_floating_point_operations  # noqa: E402
+from megatron_lite.training.grad_utils import clip_grad_norm  # noqa: E402
+from megatron_lite.training.optimizer import build_optimizer  # noqa: E402
+
+CONFIGS = {
+    # nanoGPT's shakespeare-char GPU shape on a byte vocabulary, sized for a CPU step of about a second.
+    "cpu-small": dict(
+        num_layers=6, hidden_size=384, num_attention_heads=6, seq_length=256, micro_batch_size=8, vocab=257
+    ),
+    "gpt2-124m": dict(
+        num_layers=12,
+        hidden_size=768,
+        num_attention_heads=12,
+        seq_length=1024,
+        micro_batch_size=8,
+        vocab=50257,
+    ),
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def build_config(name: str, micro_batch_size: int | None, bf16: bool) -> MegatronConfig:
+    shape = dict(CONFIGS[name])
+    vocab = shape.pop("vocab")
+    if micro_batch_size is not None:
+        shape["micro_batch_size"] = micro_batch_size
+    cfg = MegatronConfig(
+        **shape,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bf16=bf16,
+        lr=6e-4,
+        train_iters=1,
+        mock_data=True,
+    )
+    return cfg.finalize(world_size=1, vocab_size=vocab)
+
+
+@dataclass
+class Contender:
+    name: str
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    window_seconds: list[float] = field(default_factory=list)
+    last_loss: float = float("nan")
+
+
+def make_ours(cfg: MegatronConfig, device: torch.device, autocast_dtype: torch.dtype | None) -> Contender:
+    pstate = ParallelState(device=device)
+    model = GPTModel(cfg, pstate)
+    model.train()
+    optimizer = build_optimizer(model, cfg, pstate)
+    params = list(model.parameters())
+
+    def step(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # The training loop's step (training.Trainer.train_step) for one micro batch, without logging.
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, autocast_dtype):
+            per_token = model(tokens, labels=labels)  # [b, s]
+        loss = per_token.float().mean()
+        loss.backward()
+        clip_grad_norm(params, cfg.clip_grad, pstate)
+        optimizer.step()
+        return loss.detach()
+
+    return Contender("ours (GPTModel)", step)
+
+
+def _same_adamw(groups: list[dict], cfg: MegatronConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The AdamW settings build_optimizer uses, for the baselines."""
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        fused=device.type in ("cpu", "cuda"),
+    )
+
+
+def make_plain(cfg: MegatronConfig, device: torch.device, autocast_dtype: torch.dtype | None) -> Contender:
+    torch.manual_seed(cfg.seed)
+    model = PlainGPT(
+        PlainGPTConfig(
+            vocab_size=cfg.padded_vocab_size,
+            block_size=cfg.max_position_embeddings,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_attention_heads,
+            n_embd=cfg.hidden_size,
+        )
+    ).to(device)
+    model.train()
+    optimizer = _same_adamw(model.optimizer_groups(cfg.weight_decay), cfg, device)
+    params = list(model.parameters())
+
+    def step(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, autocast_dtype):
+            loss = model(tokens, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        optimizer.step()
+        return loss.detach()
+
+    return Contender("plain PyTorch GPT", step)
+
+
+def make_hf(
+    cfg: MegatronConfig, device: torch.device, autocast_dtype: torch.dtype | None
+) -> Contender | None:
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    hf_config = GPT2Config(
+        vocab_size=cfg.padded_vocab_size,
+        n_positions=cfg.max_position_embeddings,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_attention_heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    torch.manual_seed(cfg.seed)
+    model = GPT2LMHeadModel(hf_config).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = _same_adamw(groups, cfg, device)
+
+    def step(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, autocast_dtype):
+            # HF shifts labels itself: give it the inputs as labels so it sees the same s tokens.
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        optimizer.step()
+        return loss.detach()
+
+    return Contender("HF GPT2LMHeadModel", step)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_dtype(args: argparse.Namespace, dtype_name: str, device: torch.device) -> None:
+    autocast_dtype = DTYPES[dtype_name]
+    cfg = build_config(args.config, args.micro_batch_size, bf16=autocast_dtype is not None)
+    b, s = cfg.micro_batch_size, cfg.seq_length
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (b, s + 1), generator=generator).to(device) for _ in range(4)]
+    makers = [make_ours, make_plain, make_hf]
+    contenders = [c for c in (make(cfg, device, autocast_dtype) for make in makers) if c is not None]
+    flops = num_floating_point_operations(cfg, b)
+    peak, peak_source = device_peak_flops(device, autocast_dtype or torch.float32, args.peak_tflops)
+
+    step_index = 0
+
+    def run(contender: Contender, iters: int) -> float:
+        nonlocal step_index
+        _sync(device)
+        start = time.perf_counter()
+        loss = None
+        for _ in range(iters):
+            batch = batches[step_index % len(batches)]
+            step_index += 1
+            loss = contender.step(batch[:, :-1], batch[:, 1:])
+        contender.last_loss = float(loss)  # .item() syncs, inside the window like a logged loss would
+        _sync(device)
+        return time.perf_counter() - start
+
+    for contender in contenders:
+        run(contender, args.warmup)
+    for _ in range(args.windows):
+        for contender in contenders:
+            contender.window_seconds.append(run(contender, args.iters))
+
+    print(
+        f"\n{dtype_name}{' autocast' if autocast_dtype else ''}: peak {peak / 1e12:.3f} TFLOP/s ({peak_source})"
+    )
+    print(
+        f"  {'model':<22}{'tokens/s':>10}{'min..max':>18}{'TFLOP/s':>10}{'MFU':>8}{'ms/iter':>10}{'loss':>8}"
+    )
+    tokens_per_iter = b * s
+    rates = {}
+    for c in contenders:
+        per_iter = statistics.median(c.window_seconds) / args.iters
+        rates[c.name] = tokens_per_iter / per_iter
+        lo = tokens_per_iter * args.iters / max(c.window_seconds)
+        hi = tokens_per_iter * args.iters / min(c.window_seconds)
+        tflops = flops / per_iter / 1e12
+        print(
+            f"  {c.name:<22}{rates[c.name]:>10,.0f}{f'{lo:,.0f}..{hi:,.0f}':>18}{tflops:>10.3f}"
+            f"{tflops * 1e12 / peak:>8.1%}{per_iter * 1e3:>10.1f}{c.last_loss:>8.3f}"
+        )
+    ours = rates[contenders[0].name]
+    for c in contenders[1:]:
+        print(f"  ours / {c.name}: {ours / rates[c.name]:.2f}x")
+    if len(contenders) < 3:
+        print("  HF GPT2LMHeadModel: skipped (transformers is not installed)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-small")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument("--iters", type=int, default=2, help="Training steps per timed window.")
+    parser.add_argument("--windows", type=int, default=5, help="Timed windows per model (median reported).")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per model first.")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads.")
+    parser.add_argument("--micro-batch-size", type=int, help="Override the config's micro batch.")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument("--peak-tflops", type=float, help="Device peak for MFU (default: table or measured).")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = build_config(args.config, args.micro_batch_size, bf16=False)
+    print(
+        f"bench_train: {args.config} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.num_attention_heads} heads, seq {cfg.seq_length}, micro batch {cfg.micro_batch_size}, "
+        f"vocab {cfg.vocab_size} padded to {cfg.padded_vocab_size}, dropout 0); device {device}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"  {num_floating_point_operations(cfg, cfg.micro_batch_size) / 1e9:.1f} GFLOP per iteration "
+        f"(Megatron's formula); {args.warmup} warm-up steps, then {args.windows} interleaved windows "
+        f"of {args.iters} steps per model; median window reported"
+    )
+    for dtype_name in ("fp32", "bf16") if args.dtype == "both" else (args.dtype,):
+        run_dtype(args, dtype_name, device)
+
+
+if __name__ == "__main__":
+    main()

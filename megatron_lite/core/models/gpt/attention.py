@@ -1,0 +1,160 @@
+"""Causal self-attention: fused QKV projection, RoPE, GQA, KV cache, core attention and output projection."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite.config import MegatronConfig
+from megatron_lite.core.models.gpt.kv_cache import KVCache
+from megatron_lite.core.models.gpt.rope import apply_rotary_pos_emb
+from megatron_lite.core.tensor_parallel import (
+    ColumnParallelLinear,
+    Dropout,
+    RowParallelLinear,
+    checkpoint_with_rng_tracker,
+    init_method_normal,
+    scaled_init_method_normal,
+)
+
+
+def _tp_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+class DotProductAttention(nn.Module):
+    """softmax(q k^T / sqrt(d) + mask) v for this rank's heads, with dropout on the probabilities.
+
+    Without active dropout this is F.scaled_dot_product_attention. With it, the probabilities are
+    formed explicitly so the dropout runs through the tracker's model-parallel stream (each TP rank
+    holds different heads and must draw different masks) and is replayed exactly by recompute.
+    """
+
+    def __init__(self, attention_dropout: float, num_heads: int, num_groups: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads  # per TP rank
+        self.num_groups = num_groups  # per TP rank
+        self.head_dim = head_dim
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.attention_dropout = Dropout(attention_dropout, use_model_parallel_rng=True)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """query [sq, b, heads, d]; key/value [sk, b, groups, d]; mask [b, 1, sq, sk] True = masked.
+
+        Queries are the last sq of sk positions (sk > sq with a KV cache). Returns [sq, b, heads*d].
+        """
+        sq, b = query.shape[:2]
+        sk = key.shape[0]
+        q = query.permute(1, 2, 0, 3)  # [b, heads, sq, d]
+        k = key.permute(1, 2, 0, 3)  # [b, groups, sk, d]
+        v = value.permute(1, 2, 0, 3)
+        keep = None  # [.., sq, sk] True = may attend
+        if attention_mask is not None or sq != sk:
+            positions = torch.arange(sk, device=query.device)
+            keep = positions[None, :] <= positions[sk - sq :, None]  # causal, offset by the cache
+            if attention_mask is not None:
+                keep = keep & ~attention_mask
+        if self.training and self.attention_dropout.p > 0.0:
+            out = self._explicit_attention(q, k, v, keep)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, is_causal=keep is None, enable_gqa=self.num_heads != self.num_groups
+            )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)  # [sq, b, heads*d]
+
+    def _explicit_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        repeat = self.num_heads // self.num_groups
+        if repeat > 1:  # query heads of one group are adjacent: head i uses group i // repeat
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale  # [b, heads, sq, sk]
+        if keep is None:
+            sq = q.shape[2]
+            keep = torch.ones(sq, sq, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = self.attention_dropout(probs)
+        return torch.matmul(probs, v)  # [b, heads, sq, d]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head (or grouped-query) causal self-attention with heads and groups split over TP.
+
+    linear_qkv's output rows are laid out per query group as [q_1 .. q_{a/g}, k, v] (Megatron's
+    interleaved layout), so a rank's contiguous row shard holds whole groups with their keys and values.
+    """
+
+    def __init__(
+        self, cfg: MegatronConfig, layer_number: int, tp_group: dist.ProcessGroup | None = None
+    ) -> None:
+        super().__init__()
+        tp = _tp_size(tp_group)
+        self.layer_number = layer_number
+        self.head_dim = cfg.kv_channels
+        self.num_heads = cfg.num_attention_heads // tp
+        self.num_groups = cfg.num_query_groups // tp
+        self.heads_per_group = cfg.num_attention_heads // cfg.num_query_groups
+        self.recompute_core_attention = cfg.recompute_granularity == "selective"
+        qkv_size = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * self.head_dim
+        self.linear_qkv = ColumnParallelLinear(
+            cfg.hidden_size,
+            qkv_size,
+            init_method=init_method_normal(cfg.init_method_std),
+            bias=cfg.qkv_bias,
+            tp_group=tp_group,
+            sequence_parallel=cfg.sequence_parallel,
+        )
+        self.core_attention = DotProductAttention(
+            cfg.attention_dropout, self.num_heads, self.num_groups, self.head_dim
+        )
+        self.linear_proj = RowParallelLinear(
+            cfg.num_attention_heads * self.head_dim,
+            cfg.hidden_size,
+            init_method=scaled_init_method_normal(cfg.init_method_std, cfg.num_layers),
+            bias=cfg.add_bias_linear,
+            input_is_parallel=True,
+            tp_group=tp_group,
+            sequence_parallel=cfg.sequence_parallel,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """hidden [s, b, h] ([s/tp, b, h] under sequence parallelism) -> same shape."""
+        qkv, _ = self.linear_qkv(hidden)  # [s, b, (heads + 2 groups) * d] for this rank
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.num_groups, (self.heads_per_group + 2) * self.head_dim)
+        query, key, value = qkv.split(
+            [self.heads_per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1
+        )
+        query = query.reshape(s, b, self.num_heads, self.head_dim)  # [s, b, heads, d]
+        # key, value: [s, b, groups, d]
+        if rotary is not None:
+            cos, sin = rotary
+            query = apply_rotary_pos_emb(query, cos, sin)
+            key = apply_rotary_pos_emb(key, cos, sin)
+        if kv_cache is not None:
+            key, value = kv_cache.update(self.layer_number, key, value)  # [cached + s, b, groups, d]
+        if self.recompute_core_attention and kv_cache is None and torch.is_grad_enabled():
+            # Selective recompute: the attention core's [b, heads, s, s] tensors are not kept for backward.
+            context = checkpoint_with_rng_tracker(self.core_attention, query, key, value, attention_mask)
+        else:
+            context = self.core_attention(query, key, value, attention_mask)  # [s, b, heads*d]
+        out, _ = self.linear_proj(context)
+        return out

@@ -1,0 +1,72 @@
+"""Normalization layers (LayerNorm, RMSNorm) and the one place that picks between them."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite.config import MegatronConfig
+from megatron_lite.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    set_tensor_model_parallel_attributes,
+)
+
+# Under sequence parallelism a norm sees only this rank's slice of the sequence, so its weight gradient
+# is partial. Passing the weights through copy_to_tp (identity forward, all-reduce backward) sums the
+# partial gradients over the TP group inside backward: every rank ends with the full gradient and no
+# extra reduction step is needed outside the model.
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last dim."""
+
+    def __init__(
+        self, hidden_size: int, eps: float = 1e-5, sequence_parallel_group: dist.ProcessGroup | None = None
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.sequence_parallel_group = sequence_parallel_group
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        for param in (self.weight, self.bias):
+            set_tensor_model_parallel_attributes(param, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = copy_to_tensor_model_parallel_region(self.weight, self.sequence_parallel_group)
+        bias = copy_to_tensor_model_parallel_region(self.bias, self.sequence_parallel_group)
+        return F.layer_norm(x, weight.shape, weight, bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32."""
+
+    def __init__(
+        self, hidden_size: int, eps: float = 1e-5, sequence_parallel_group: dist.ProcessGroup | None = None
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.sequence_parallel_group = sequence_parallel_group
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        set_tensor_model_parallel_attributes(self.weight, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = copy_to_tensor_model_parallel_region(self.weight, self.sequence_parallel_group)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def build_norm(cfg: MegatronConfig, tp_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """The norm cfg.normalization names, over cfg.hidden_size with cfg.norm_epsilon."""
+    sp_group = tp_group if cfg.sequence_parallel else None
+    if cfg.normalization == "RMSNorm":
+        return RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sp_group)
+    return LayerNorm(cfg.hidden_size, cfg.norm_epsilon, sp_group)

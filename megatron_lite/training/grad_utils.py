@@ -1,0 +1,159 @@
+"""Gradient norm and clipping that are correct under tensor parallelism, and fp16 loss scaling."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.parallel_state import ParallelState
+
+
+def _is_tp_sharded(param: torch.nn.Parameter) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def _norm_squared(
+    sharded: list[torch.Tensor], replicated: list[torch.Tensor], pstate: ParallelState
+) -> torch.Tensor:
+    """Squared L2 norm over TP-sharded tensors (summed over the TP group) and replicated ones (counted once)."""
+    device = next((t.device for t in sharded + replicated), pstate.device)
+    totals = []
+    for tensors in (sharded, replicated):
+        if tensors:
+            norms = torch._foreach_norm([t.float() for t in tensors])
+            totals.append(torch.stack(norms).square().sum())
+        else:
+            totals.append(torch.zeros((), dtype=torch.float32, device=device))
+    sharded_sq, replicated_sq = totals
+    if pstate.tp_size > 1:
+        dist.all_reduce(sharded_sq, group=pstate.tp_group)
+    return sharded_sq + replicated_sq
+
+
+def grad_norm_squared(
+    parameters: Iterable[torch.nn.Parameter], pstate: ParallelState | None = None
+) -> torch.Tensor:
+    """Squared L2 norm of all gradients of the full (unsharded) model, as an fp32 0-d tensor.
+
+    TP-sharded parameters hold different slices on each TP rank, so their squares are summed over the
+    TP group; replicated parameters hold the same gradient on every TP rank and are counted once.
+    Gradients are already identical across DP ranks (DDP averaged them), so DP needs no reduction.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    return _norm_squared(
+        [p.grad for p in params if _is_tp_sharded(p)],
+        [p.grad for p in params if not _is_tp_sharded(p)],
+        pstate or ParallelState(),
+    )
+
+
+def params_norm(parameters: Iterable[torch.nn.Parameter], pstate: ParallelState | None = None) -> float:
+    """L2 norm of the full model's parameters (--log-params-norm), counting TP shards the same way."""
+    params = list(parameters)
+    squared = _norm_squared(
+        [p.detach() for p in params if _is_tp_sharded(p)],
+        [p.detach() for p in params if not _is_tp_sharded(p)],
+        pstate or ParallelState(),
+    )
+    return math.sqrt(squared.item())
+
+
+def clip_grad_norm(
+    parameters: Iterable[torch.nn.Parameter], max_norm: float, pstate: ParallelState | None = None
+) -> float:
+    """Scale all gradients so their global norm is at most max_norm (0 = no clipping); returns the norm
+    before clipping. A non-finite norm is returned as is and the gradients are left alone."""
+    params = [p for p in parameters if p.grad is not None]
+    total = math.sqrt(grad_norm_squared(params, pstate).item())
+    if max_norm > 0 and math.isfinite(total):
+        coeff = max_norm / (total + 1.0e-6)
+        if coeff < 1.0:
+            torch._foreach_mul_([p.grad for p in params], coeff)
+    return total
+
+
+class LossScaler:
+    """Loss scale for fp16: static (--loss-scale) or dynamic with Megatron's hysteresis.
+
+    Dynamic: every overflow uses up one unit of hysteresis; once it is used up, each further overflow
+    halves the scale (not below --min-loss-scale). After --loss-scale-window overflow-free iterations
+    in a row the scale doubles and the hysteresis is refilled. bf16 and fp32 use a fixed scale of 1.
+    """
+
+    def __init__(
+        self,
+        initial_scale: float = 1.0,
+        *,
+        dynamic: bool = False,
+        min_scale: float = 1.0,
+        growth_interval: int = 1000,
+        hysteresis: int = 2,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+    ) -> None:
+        self.scale = float(initial_scale)
+        self.dynamic = dynamic
+        self.min_scale = float(min_scale)
+        self.growth_interval = int(growth_interval)
+        self.hysteresis = int(hysteresis)
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self._growth_tracker = 0
+        self._hysteresis_tracker = self.hysteresis
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> LossScaler:
+        if not cfg.fp16:
+            return cls(1.0)
+        if cfg.loss_scale is not None:
+            return cls(cfg.loss_scale)
+        return cls(
+            cfg.initial_loss_scale,
+            dynamic=True,
+            min_scale=cfg.min_loss_scale,
+            growth_interval=cfg.loss_scale_window,
+            hysteresis=cfg.hysteresis,
+        )
+
+    @property
+    def at_minimum(self) -> bool:
+        """True when an overflow can no longer be cured by a smaller scale."""
+        return not self.dynamic or self.scale <= self.min_scale
+
+    def unscale_(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        if self.scale == 1.0:
+            return
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / self.scale)
+
+    def update(self, found_inf: bool) -> None:
+        if not self.dynamic:
+            return
+        if found_inf:
+            self._growth_tracker = 0
+            self._hysteresis_tracker -= 1
+            if self._hysteresis_tracker <= 0:
+                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+            return
+        self._growth_tracker += 1
+        if self._growth_tracker == self.growth_interval:
+            self._growth_tracker = 0
+            self._hysteresis_tracker = self.hysteresis
+            self.scale *= self.growth_factor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "growth_tracker": self._growth_tracker,
+            "hysteresis_tracker": self._hysteresis_tracker,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale = float(state["scale"])
+        self._growth_tracker = int(state["growth_tracker"])
+        self._hysteresis_tracker = int(state["hysteresis_tracker"])

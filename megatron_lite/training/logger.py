@@ -1,0 +1,302 @@
+"""Megatron's console line and validation box, throughput/MFU, and TensorBoard scalars, from the last rank."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from megatron_lite.config import MegatronConfig
+from megatron_lite.parallel_state import ParallelState
+from megatron_lite.training.flops import device_peak_flops, num_floating_point_operations
+
+
+def format_log_line(
+    *,
+    iteration: int,
+    train_iters: int,
+    consumed_samples: int,
+    elapsed_ms: float,
+    learning_rate: float,
+    global_batch_size: int,
+    losses: dict[str, float],
+    loss_scale: float,
+    grad_norm: float | None,
+    skipped_iterations: int,
+    nan_iterations: int,
+    megatron_tflops_per_gpu: float | None = None,
+    tokens_per_second: float | None = None,
+    tokens_per_second_per_rank: float | None = None,
+    tflops: float | None = None,
+    mfu: float | None = None,
+    params_norm: float | None = None,
+    timestamp: str | None = None,
+) -> str:
+    """One console line in Megatron's field order and formats; our throughput fields follow the elapsed time.
+
+    `losses` maps a loss name to its mean over the interval's advanced iterations; as in Megatron a
+    loss is shown only when that mean is positive. `tflops` is per rank, like Megatron's per-GPU figure,
+    and `mfu` is that over the device's peak (a fraction; printed as a percentage).
+    """
+    stamp = timestamp if timestamp is not None else time.strftime("%Y-%m-%d %H:%M:%S")
+    parts = [
+        f" [{stamp}] iteration {iteration:8d}/{train_iters:8d} |",
+        f" consumed samples: {consumed_samples:12d} |",
+        f" elapsed time per iteration (ms): {elapsed_ms:.1f} |",
+    ]
+    if megatron_tflops_per_gpu is not None:
+        parts.append(f" throughput per GPU (TFLOP/s/GPU): {megatron_tflops_per_gpu:.1f} |")
+    if tokens_per_second is not None:
+        parts.append(f" tokens per second: {tokens_per_second:.1f} |")
+    if tokens_per_second_per_rank is not None:
+        parts.append(f" tokens per second per rank: {tokens_per_second_per_rank:.1f} |")
+    if tflops is not None:
+        parts.append(f" TFLOP/s: {tflops:.1f} |")
+    if mfu is not None:
+        parts.append(f" MFU: {mfu * 100:.1f}% |")
+    parts.append(f" learning rate: {learning_rate:.6E} |")
+    parts.append(f" global batch size: {global_batch_size:5d} |")
+    for name, value in losses.items():
+        if value > 0.0:
+            parts.append(f" {name}: {value:.6E} |")
+    parts.append(f" loss scale: {loss_scale:.1f} |")
+    if grad_norm is not None:
+        parts.append(f" grad norm: {grad_norm:.3f} |")
+    if params_norm is not None:
+        parts.append(f" params norm: {params_norm:.3f} |")
+    parts.append(f" number of skipped iterations: {skipped_iterations:3d} |")
+    parts.append(f" number of nan iterations: {nan_iterations:3d} |")
+    return "".join(parts)
+
+
+def format_validation_box(where: str, losses: dict[str, float]) -> str:
+    """Megatron's evaluation report: the loss and its perplexity (exp capped at e^20) between two dashed rules."""
+    text = f" validation loss at {where} | "
+    for name, value in losses.items():
+        text += f"{name} value: {value:.6E} | {name} PPL: {math.exp(min(20.0, value)):.6E} | "
+    rule = "-" * (len(text) + 1)
+    return f"{rule}\n{text}\n{rule}"
+
+
+def process_rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; peak RSS from getrusage elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _train_dtype(cfg: MegatronConfig) -> torch.dtype:
+    if cfg.bf16:
+        return torch.bfloat16
+    if cfg.fp16:
+        return torch.float16
+    return torch.float32
+
+
+class TrainingLogger:
+    """Accumulates per-iteration results and reports them Megatron's way.
+
+    Only the last rank prints and writes TensorBoard events (Megatron's convention). Elapsed time per
+    iteration is measured between console lines with evaluation and checkpoint time taken out
+    (`pause`/`resume`), so throughput reflects training alone.
+    """
+
+    def __init__(
+        self,
+        cfg: MegatronConfig,
+        pstate: ParallelState | None = None,
+        *,
+        print_fn: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.pstate = pstate or ParallelState()
+        self.is_logging_rank = self.pstate.is_last_rank
+        self._print = print_fn or (lambda text: print(text, flush=True))
+        self.writer = None
+        self.flops_per_iteration = num_floating_point_operations(cfg, cfg.global_batch_size)
+        self.peak_flops: float | None = None
+        if self.is_logging_rank:
+            self.peak_flops, source = device_peak_flops(
+                self.pstate.device, _train_dtype(cfg), cfg.peak_tflops
+            )
+            self.print(
+                f"> MFU is measured against a peak of {self.peak_flops / 1e12:.3f} TFLOP/s per rank ({source})"
+            )
+            if cfg.tensorboard_dir:
+                self._open_tensorboard()
+        self._reset_interval()
+        self._elapsed = 0.0
+        self._started_at: float | None = None
+
+    # ---- output --------------------------------------------------------------------------------
+    def print(self, text: str) -> None:
+        """Print from the logging rank only."""
+        if self.is_logging_rank:
+            self._print(text)
+
+    def _open_tensorboard(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(
+            log_dir=self.cfg.tensorboard_dir, max_queue=self.cfg.tensorboard_queue_size
+        )
+        for name, value in self.cfg.to_dict().items():
+            self.writer.add_text(name, str(value), global_step=0)
+
+    def _scalar(self, tag: str, value: float, iteration: int, consumed_samples: int | None = None) -> None:
+        self.writer.add_scalar(tag, value, iteration)
+        if consumed_samples is not None:
+            self.writer.add_scalar(f"{tag} vs samples", value, consumed_samples)
+
+    # ---- timing --------------------------------------------------------------------------------
+    def _now(self) -> float:
+        if self.pstate.device.type == "cuda":
+            torch.cuda.synchronize(self.pstate.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        """Start (or restart) the interval clock."""
+        self._started_at = self._now()
+
+    def pause(self) -> None:
+        """Stop the clock, e.g. around evaluation or a checkpoint save."""
+        if self._started_at is not None:
+            self._elapsed += self._now() - self._started_at
+            self._started_at = None
+
+    def resume(self) -> None:
+        if self._started_at is None:
+            self._started_at = self._now()
+
+    def _interval_seconds(self) -> float:
+        self.pause()
+        seconds, self._elapsed = self._elapsed, 0.0
+        self.resume()
+        return seconds
+
+    # ---- training ------------------------------------------------------------------------------
+    def _reset_interval(self) -> None:
+        self._loss_sum = 0.0
+        self._advanced = 0
+        self._skipped = 0
+        self._nan = 0
+        self._iterations = 0
+
+    def training_step(
+        self,
+        *,
+        iteration: int,
+        consumed_samples: int,
+        learning_rate: float,
+        loss: float,
+        grad_norm: float | None,
+        loss_scale: float,
+        skipped: bool,
+        params_norm: float | None = None,
+    ) -> str | None:
+        """Record one iteration; on log-interval iterations print the console line and return it."""
+        self._iterations += 1
+        if skipped:
+            self._skipped += 1
+            self._nan += int(not math.isfinite(loss))
+        else:
+            self._advanced += 1
+            self._loss_sum += loss
+        cfg = self.cfg
+        if self.writer is not None and iteration % cfg.tensorboard_log_interval == 0:
+            self._scalar("learning-rate", learning_rate, iteration, consumed_samples)
+            self._scalar("batch-size", cfg.global_batch_size, iteration, consumed_samples)
+            if not skipped:
+                self._scalar("lm loss", loss, iteration, consumed_samples)
+            self._scalar("loss-scale", loss_scale, iteration, consumed_samples)
+            if grad_norm is not None and math.isfinite(grad_norm):
+                self._scalar("grad-norm", grad_norm, iteration, consumed_samples)
+            if params_norm is not None:
+                self._scalar("params-norm", params_norm, iteration, consumed_samples)
+        if iteration % cfg.log_interval != 0:
+            return None
+        return self._log_interval(
+            iteration, consumed_samples, learning_rate, grad_norm, loss_scale, params_norm
+        )
+
+    def _log_interval(
+        self,
+        iteration: int,
+        consumed_samples: int,
+        learning_rate: float,
+        grad_norm: float | None,
+        loss_scale: float,
+        params_norm: float | None,
+    ) -> str | None:
+        cfg, world = self.cfg, self.pstate.world_size
+        seconds = self._interval_seconds()
+        per_iteration = seconds / max(1, self._iterations)
+        tokens_per_second = (
+            cfg.global_batch_size * cfg.seq_length / per_iteration if per_iteration > 0 else 0.0
+        )
+        flops_per_rank = self.flops_per_iteration / per_iteration / world if per_iteration > 0 else 0.0
+        mean_loss = self._loss_sum / max(1, self._advanced)
+        line = None
+        if self.is_logging_rank:
+            line = format_log_line(
+                iteration=iteration,
+                train_iters=cfg.train_iters,
+                consumed_samples=consumed_samples,
+                elapsed_ms=per_iteration * 1000.0,
+                learning_rate=learning_rate,
+                global_batch_size=cfg.global_batch_size,
+                losses={"lm loss": mean_loss},
+                loss_scale=loss_scale,
+                grad_norm=grad_norm,
+                skipped_iterations=self._skipped,
+                nan_iterations=self._nan,
+                megatron_tflops_per_gpu=flops_per_rank / 1e12 if cfg.log_throughput else None,
+                tokens_per_second=tokens_per_second,
+                tokens_per_second_per_rank=tokens_per_second / world if world > 1 else None,
+                tflops=flops_per_rank / 1e12,
+                mfu=flops_per_rank / self.peak_flops if self.peak_flops else None,
+                params_norm=params_norm,
+            )
+            self._print(line)
+            if self.writer is not None:
+                self._scalar("iteration-time", per_iteration, iteration)
+                self._scalar("throughput", tokens_per_second, iteration)
+                self._write_memory(iteration)
+        self._reset_interval()
+        return line
+
+    def _write_memory(self, iteration: int) -> None:
+        device = self.pstate.device
+        if device.type == "cuda":
+            self._scalar("mem-allocated-bytes", torch.cuda.memory_allocated(device), iteration)
+            self._scalar("mem-max-allocated-bytes", torch.cuda.max_memory_allocated(device), iteration)
+            self._scalar("mem-reserved-bytes", torch.cuda.memory_reserved(device), iteration)
+        else:
+            self._scalar("mem-rss-bytes", process_rss_bytes(), iteration)
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluation(
+        self, where: str, loss: float, iteration: int, consumed_samples: int, split: str = "validation"
+    ) -> str | None:
+        """Print the dashed box for an evaluation and write `lm loss {split}` (+ ppl) to TensorBoard."""
+        if not self.is_logging_rank:
+            return None
+        box = format_validation_box(where, {"lm loss": loss})
+        self._print(box)
+        if self.writer is not None:
+            self._scalar(f"lm loss {split}", loss, iteration, consumed_samples)
+            self._scalar(f"lm loss {split} ppl", math.exp(min(20.0, loss)), iteration, consumed_samples)
+        return box
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None

@@ -1,0 +1,488 @@
+"""The pretraining loop: build everything from the config, train with gradient accumulation, evaluate, save, exit cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from megatron_lite.config import MegatronConfig
+from megatron_lite.errors import UserError, fail
+from megatron_lite.parallel_state import ParallelState
+from megatron_lite.training.data_samplers import build_mock_datasets, build_pretraining_data_loader
+from megatron_lite.training.grad_utils import (
+    LossScaler,
+    clip_grad_norm,
+    params_norm,
+)
+from megatron_lite.training.logger import TrainingLogger
+from megatron_lite.training.lr_schedule import OptimizerParamScheduler
+from megatron_lite.training.optimizer import build_optimizer
+
+ModelProvider = Callable[[MegatronConfig, ParallelState], torch.nn.Module]
+Batch = dict[str, torch.Tensor]
+
+
+class NonFiniteTrainingError(UserError):
+    """Too many iterations in a row had a non-finite loss or gradient; the run stops without saving."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did, for callers and tests: the loss of every iteration and the evaluations."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    last_validation_loss: float | None = None
+    test_loss: float | None = None
+    skipped_iterations: int = 0
+    exit_reason: str = "finished"  # finished | exit-interval | exit-duration | signal
+    log_lines: list[str] = field(default_factory=list)
+
+
+def pretrain(
+    cfg: MegatronConfig,
+    pstate: ParallelState | None = None,
+    *,
+    model_provider: ModelProvider | None = None,
+) -> TrainResult:
+    """Train a GPT as the config says, on this process's place in the (dp, tp) grid.
+
+    `model_provider(cfg, pstate)` builds the model (default: GPTModel); it must take the GPTModel
+    forward arguments and return the per-token loss [b, s] when given labels.
+    """
+    pstate = pstate or ParallelState()
+    start_time = time.monotonic()
+    tokenizer = setup_config(cfg, pstate)
+    set_random_seed(cfg.seed, pstate)
+    logger = TrainingLogger(cfg, pstate)
+    exit_signal = ExitSignal()
+    try:
+        trainer = Trainer(cfg, pstate, logger, model_provider or _gpt_model_provider)
+        trainer.load()
+        trainer.build_data(tokenizer)
+        exit_signal.install()
+        return trainer.run(exit_signal, start_time)
+    finally:
+        exit_signal.restore()
+        logger.close()
+
+
+# ---- setup ------------------------------------------------------------------------------------------
+def setup_config(cfg: MegatronConfig, pstate: ParallelState):
+    """Build the tokenizer, finalize the config for this world and vocabulary, and check the device."""
+    tokenizer = None
+    if cfg.tokenizer_type is not None:
+        from megatron_lite.tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file, cfg.merge_file)
+    elif cfg.vocab_file is not None or cfg.merge_file is not None:
+        # Megatron's GPT examples give only the BPE files; they can only mean the GPT-2 tokenizer.
+        from megatron_lite.tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer("GPT2BPETokenizer", cfg.vocab_file, cfg.merge_file)
+    elif not cfg.mock_data:
+        fail(
+            "--tokenizer-type is required with --data-path: GPT2BPETokenizer or ByteTokenizer, as in preprocessing"
+        )
+    elif cfg.vocab_size is None:
+        fail("--mock-data without --tokenizer-type needs --vocab-size, e.g. --vocab-size 50257")
+    cfg.finalize(pstate.world_size, tokenizer.vocab_size if tokenizer is not None else None)
+    if cfg.tensor_model_parallel_size != pstate.tp_size:
+        fail(
+            f"--tensor-model-parallel-size {cfg.tensor_model_parallel_size} does not match the process "
+            f"groups (TP size {pstate.tp_size}); pass the same value to initialize_parallel"
+        )
+    check_precision(cfg, pstate.device)
+    return tokenizer
+
+
+def check_precision(cfg: MegatronConfig, device: torch.device) -> None:
+    """fp16 autocast with loss scaling is supported on GPUs only; CPUs train in bf16 or fp32."""
+    if cfg.fp16 and device.type != "cuda":
+        fail("--fp16 needs a CUDA GPU (fp16 with loss scaling is GPU-only here); on CPU use --bf16")
+
+
+def set_random_seed(seed: int, pstate: ParallelState | None = None) -> None:
+    """Seed python, numpy and torch with --seed, and the model's RNG tracker streams for this TP rank."""
+    from megatron_lite.core.tensor_parallel import model_parallel_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    model_parallel_manual_seed(seed, pstate.tp_rank if pstate is not None else 0)
+
+
+def _gpt_model_provider(cfg: MegatronConfig, pstate: ParallelState) -> torch.nn.Module:
+    from megatron_lite.core.models.gpt import GPTModel
+
+    return GPTModel(cfg, pstate)
+
+
+def _train_dtype(cfg: MegatronConfig) -> torch.dtype | None:
+    if cfg.bf16:
+        return torch.bfloat16
+    if cfg.fp16:
+        return torch.float16
+    return None
+
+
+# ---- exit on signals ----------------------------------------------------------------------------
+class ExitSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each iteration; a second Ctrl-C aborts."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# ---- the trainer ------------------------------------------------------------------------------------
+class Trainer:
+    """Owns the model, optimizer, schedule, data iterators and progress counters of one run."""
+
+    def __init__(
+        self,
+        cfg: MegatronConfig,
+        pstate: ParallelState,
+        logger: TrainingLogger,
+        model_provider: ModelProvider,
+    ) -> None:
+        self.cfg = cfg
+        self.pstate = pstate
+        self.logger = logger
+        self.module = model_provider(cfg, pstate).to(pstate.device)
+        num_params = sum(p.numel() for p in self.module.parameters())
+        logger.print(
+            f"> number of parameters on (tensor, pipeline) model parallel rank ({pstate.tp_rank}, 0): {num_params}"
+        )
+        forward_module = torch.compile(self.module) if cfg.compile else self.module
+        self.ddp: DistributedDataParallel | None = None
+        if pstate.dp_size > 1:
+            self.ddp = DistributedDataParallel(
+                forward_module,
+                process_group=pstate.dp_group,
+                device_ids=[pstate.device.index] if pstate.device.type == "cuda" else None,
+            )
+        self.model = self.ddp if self.ddp is not None else forward_module
+        self.optimizer = build_optimizer(self.module, cfg, pstate)
+        self.scheduler = OptimizerParamScheduler.from_config(self.optimizer, cfg)
+        self.scaler = LossScaler.from_config(cfg)
+        self.autocast_dtype = _train_dtype(cfg)
+        self.iteration = 0
+        self.consumed_train_samples = 0
+        self.skipped_iterations = 0
+        self.last_saved_iteration: int | None = None
+        self.result = TrainResult()
+        self.train_iter: Iterator[Batch] | None = None
+        self.valid_iter: Iterator[Batch] | None = None
+        self.test_dataset = None
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def load(self) -> None:
+        """Resume from --load when it holds a checkpoint (weights, optimizer, schedule, RNG, progress)."""
+        if not self.cfg.load:
+            return
+        from megatron_lite.training.checkpointing import load_checkpoint
+
+        progress = load_checkpoint(
+            self.cfg.load, self.module, self.optimizer, self.scheduler, self.cfg, self.pstate
+        )
+        if progress is None:
+            return
+        self.iteration = progress.iteration
+        self.consumed_train_samples = progress.consumed_train_samples
+        self.skipped_iterations = progress.skipped_iterations
+        self.last_saved_iteration = progress.iteration
+        scaler_state = (progress.extra_state or {}).get("loss_scaler")
+        if scaler_state and self.cfg.fp16 and not self.cfg.finetune and not self.cfg.no_load_optim:
+            self.scaler.load_state_dict(scaler_state)
+        self.logger.print(
+            f"> resuming from {self.cfg.load} at iteration {self.iteration}, "
+            f"{self.consumed_train_samples} consumed samples"
+        )
+
+    def save(self) -> None:
+        if not self.cfg.save or self.last_saved_iteration == self.iteration:
+            return
+        from megatron_lite.training.checkpointing import save_checkpoint
+
+        self.logger.pause()
+        save_checkpoint(
+            self.cfg.save,
+            self.iteration,
+            self.module,
+            self.optimizer,
+            self.scheduler,
+            self.cfg,
+            self.pstate,
+            consumed_train_samples=self.consumed_train_samples,
+            extra_state={
+                "loss_scaler": self.scaler.state_dict(),
+                "skipped_iterations": self.skipped_iterations,
+            },
+        )
+        self.last_saved_iteration = self.iteration
+        self.logger.print(f"  saved checkpoint at iteration {self.iteration:7d} to {self.cfg.save}")
+        self.logger.resume()
+
+    # ---- data ------------------------------------------------------------------------------------
+    def build_data(self, tokenizer) -> None:
+        """Datasets sized as Megatron sizes them, and loaders that continue at the consumed-sample counts."""
+        cfg, pstate = self.cfg, self.pstate
+        gbs = cfg.global_batch_size
+        num_samples = (
+            cfg.train_iters * gbs,
+            (cfg.train_iters // cfg.eval_interval + 1) * cfg.eval_iters * gbs,
+            cfg.eval_iters * gbs,
+        )
+        if cfg.mock_data:
+            train_ds, valid_ds, test_ds = build_mock_datasets(cfg, num_samples)
+        else:
+            from megatron_lite.core.datasets.builder import build_train_valid_test_datasets
+
+            barrier = (lambda: dist.barrier()) if pstate.is_distributed else None
+            train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
+                cfg, tokenizer, num_samples, is_builder=pstate.rank == 0, barrier=barrier
+            )
+        consumed_valid = (self.iteration // cfg.eval_interval) * cfg.eval_iters * gbs
+        self.train_iter = self._iterate(train_ds, self.consumed_train_samples)
+        if valid_ds is not None and consumed_valid < len(valid_ds):
+            self.valid_iter = self._iterate(valid_ds, consumed_valid)
+        self.test_dataset = test_ds
+
+    def _iterate(self, dataset, consumed: int) -> Iterator[Batch] | None:
+        loader = build_pretraining_data_loader(dataset, consumed, self.cfg, self.pstate)
+        return iter(loader) if loader is not None else None
+
+    def _next_micro_batches(self, data_iter: Iterator[Batch], what: str) -> list[Batch]:
+        batches = []
+        for _ in range(self.cfg.num_microbatches):
+            try:
+                batch = next(data_iter)
+            except StopIteration:
+                fail(
+                    f"the {what} data ran out at iteration {self.iteration}; the dataset is smaller than requested"
+                )
+            batches.append({k: v.to(self.pstate.device, non_blocking=True) for k, v in batch.items()})
+        return batches
+
+    # ---- one step --------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.pstate.device.type, dtype=self.autocast_dtype)
+
+    def _micro_batch_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        with self._autocast():
+            per_token = model(
+                batch["tokens"],
+                position_ids=batch.get("position_ids"),
+                attention_mask=batch.get("attention_mask"),
+                labels=batch["labels"],
+            )  # [b, s]
+        mask = batch["loss_mask"].float()
+        return (per_token.float() * mask).sum() / mask.sum()
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        if self.pstate.dp_size > 1:
+            dist.all_reduce(value, group=self.pstate.dp_group)
+            value = value / self.pstate.dp_size
+        return value.item()
+
+    def train_step(self, batches: list[Batch]) -> tuple[float, float, bool]:
+        """Forward/backward over the micro batches, clip, and step unless the loss or gradient is not finite.
+
+        Returns (lm loss averaged over micro batches and DP ranks, grad norm, skipped).
+        """
+        cfg = self.cfg
+        n = len(batches)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.pstate.device)
+        for i, batch in enumerate(batches):
+            # DDP all-reduces gradients only on the last micro batch of the accumulation.
+            sync = contextlib.nullcontext() if self.ddp is None or i == n - 1 else self.ddp.no_sync()
+            with sync:
+                loss = self._micro_batch_loss(self.model, batch)
+                (loss * (self.scaler.scale / n)).backward()
+            loss_sum += loss.detach()
+        lm_loss = self._dp_mean(loss_sum / n)
+        # Under --sequence-parallel the model's autograd already sums the replicated norms' and biases'
+        # partial gradients over the TP group, so the gradients are complete here.
+        params = list(self.module.parameters())
+        self.scaler.unscale_(params)
+        grad_norm = clip_grad_norm(params, cfg.clip_grad, self.pstate)
+        skipped = not (math.isfinite(grad_norm) and math.isfinite(lm_loss))
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step(cfg.global_batch_size)
+        self.scaler.update(found_inf=skipped)
+        return lm_loss, grad_norm, skipped
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, data_iter: Iterator[Batch]) -> float | None:
+        """Mean lm loss over --eval-iters global batches, averaged over DP ranks."""
+        self.model.eval()
+        total = torch.zeros((), device=self.pstate.device)
+        count = 0
+        for _ in range(self.cfg.eval_iters):
+            for batch in self._next_micro_batches(data_iter, "validation"):
+                total += self._micro_batch_loss(self.model, batch)
+                count += 1
+        self.model.train()
+        if count == 0:
+            return None
+        return self._dp_mean(total / count)
+
+    def _evaluate_and_report(self, data_iter: Iterator[Batch] | None, where: str, split: str) -> float | None:
+        if data_iter is None or self.cfg.eval_iters == 0:
+            return None
+        self.logger.pause()
+        loss = self.evaluate(data_iter)
+        if loss is not None:
+            box = self.logger.evaluation(where, loss, self.iteration, self.consumed_train_samples, split)
+            if box is not None:
+                self.result.log_lines.append(box)
+        self.logger.resume()
+        return loss
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def run(self, exit_signal: ExitSignal, start_time: float) -> TrainResult:
+        cfg = self.cfg
+        result = self.result
+        consecutive_skips = 0
+        if not cfg.skip_train:
+            self.logger.start()
+            while self.iteration < cfg.train_iters:
+                batches = self._next_micro_batches(self.train_iter, "training")
+                loss, grad_norm, skipped = self.train_step(batches)
+                self.iteration += 1
+                self.consumed_train_samples += cfg.global_batch_size
+                result.losses.append((self.iteration, loss))
+                if skipped:
+                    self.skipped_iterations += 1
+                    # With dynamic fp16 scaling an overflow is normal until the scale has come down.
+                    if not math.isfinite(loss) or self.scaler.at_minimum:
+                        consecutive_skips += 1
+                else:
+                    consecutive_skips = 0
+                line = self.logger.training_step(
+                    iteration=self.iteration,
+                    consumed_samples=self.consumed_train_samples,
+                    learning_rate=self.scheduler.get_lr(),
+                    loss=loss,
+                    grad_norm=grad_norm,
+                    loss_scale=self.scaler.scale,
+                    skipped=skipped,
+                    params_norm=self._params_norm_if_logged(),
+                )
+                if line is not None:
+                    result.log_lines.append(line)
+                if consecutive_skips >= cfg.max_consecutive_skipped_iterations:
+                    self._stop_non_finite(consecutive_skips)
+                if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
+                    loss_value = self._evaluate_and_report(
+                        self.valid_iter, f"iteration {self.iteration}", "validation"
+                    )
+                    if loss_value is not None:
+                        result.validation_losses.append((self.iteration, loss_value))
+                if cfg.save_interval and self.iteration % cfg.save_interval == 0:
+                    self.save()
+                reason = self._exit_reason(exit_signal, start_time)
+                if reason is not None:
+                    self.logger.print(f"exiting at iteration {self.iteration} ({reason})")
+                    self.save()
+                    result.exit_reason = reason
+                    return self._finish()
+            if self.iteration > 0:
+                self.save()
+        where = f"iteration {self.iteration}"
+        loss_value = self._evaluate_and_report(self.valid_iter, f"{where} on validation set", "validation")
+        if loss_value is not None:
+            result.validation_losses.append((self.iteration, loss_value))
+        if self.test_dataset is not None and cfg.eval_iters > 0:
+            result.test_loss = self._evaluate_and_report(
+                self._iterate(self.test_dataset, 0), f"{where} on test set", "test"
+            )
+        return self._finish()
+
+    def _finish(self) -> TrainResult:
+        result = self.result
+        result.iteration = self.iteration
+        result.consumed_train_samples = self.consumed_train_samples
+        result.skipped_iterations = self.skipped_iterations
+        if result.validation_losses:
+            result.last_validation_loss = result.validation_losses[-1][1]
+        return result
+
+    def _params_norm_if_logged(self) -> float | None:
+        if self.cfg.log_params_norm and self.iteration % self.cfg.log_interval == 0:
+            return params_norm(self.module.parameters(), self.pstate)
+        return None
+
+    def _exit_reason(self, exit_signal: ExitSignal, start_time: float) -> str | None:
+        """Why to stop after this iteration, agreed by every rank (a signal may reach only some of them)."""
+        cfg = self.cfg
+        flags = torch.tensor(
+            [
+                float(exit_signal.received is not None),
+                float(
+                    cfg.exit_duration_in_mins is not None
+                    and (time.monotonic() - start_time) / 60.0 > cfg.exit_duration_in_mins
+                ),
+            ]
+        )
+        if self.pstate.is_distributed:
+            # gloo reduces CPU tensors; NCCL needs them on the GPU.
+            flags = flags.to(self.pstate.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0] > 0:
+            return "signal"
+        if flags[1] > 0:
+            return "exit-duration"
+        if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
+            return "exit-interval"
+        return None
+
+    def _stop_non_finite(self, count: int) -> None:
+        where = (
+            f"; the last good checkpoint is iteration {self.last_saved_iteration} in {self.cfg.save}"
+            if self.cfg.save and self.last_saved_iteration is not None
+            else ""
+        )
+        raise NonFiniteTrainingError(
+            f"stopping at iteration {self.iteration}: {count} iterations in a row had a non-finite loss or "
+            f"gradient (--max-consecutive-skipped-iterations {self.cfg.max_consecutive_skipped_iterations}); "
+            f"they did not update the model and no checkpoint was written after them{where}. "
+            "Try a lower --lr, --bf16 instead of --fp16, or check the data"
+        )

@@ -1,0 +1,130 @@
+"""Shared by the GPT tests: small configs, an independent reference forward, gathering TP shards."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.config import MegatronConfig
+from megatron_lite.core.tensor_parallel import merge_shards
+
+LLAMA_STYLE = dict(
+    normalization="RMSNorm",
+    position_embedding_type="rope",
+    swiglu=True,
+    group_query_attention=True,
+    num_query_groups=2,
+    untie_embeddings_and_output_weights=True,
+    disable_bias_linear=True,
+)
+
+
+def make_config(world_size: int = 1, vocab_size: int = 257, **overrides) -> MegatronConfig:
+    """A tiny finalized config (2 layers, h=32, 4 heads, s=16, no dropout) with overrides."""
+    values = dict(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        seq_length=16,
+        micro_batch_size=2,
+        train_iters=1,
+        lr=1e-3,
+        mock_data=True,
+        make_vocab_size_divisible_by=1,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        seed=1234,
+    )
+    values.update(overrides)
+    return MegatronConfig(**values).finalize(world_size, vocab_size)
+
+
+def batch(cfg: MegatronConfig, seed: int = 0, batch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens and next-token labels [b, s] over the true vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_length + 1), generator=gen)
+    return text[:, :-1].contiguous(), text[:, 1:].contiguous()
+
+
+def full_state(model: torch.nn.Module, group: dist.ProcessGroup | None, grads: bool = False) -> dict:
+    """Every parameter (or its gradient) as the full unsharded tensor, gathered over the TP group."""
+    out = {}
+    for name, param in model.named_parameters():
+        tensor = param.grad if grads else param.data
+        if tensor is None:
+            continue
+        if param.tensor_model_parallel and group is not None:
+            shards = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(shards, tensor.contiguous(), group=group)
+            tensor = merge_shards(shards, param.partition_dim, param.partition_stride)
+        out[name] = tensor.detach().clone()
+    return out
+
+
+# ---- an independent reference: plain [b, s, h] math over the full weights, no model code ---------------
+
+
+def _norm(cfg: MegatronConfig, x: torch.Tensor, state: dict, prefix: str) -> torch.Tensor:
+    weight = state[prefix + ".weight"]
+    if cfg.normalization == "RMSNorm":
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.norm_epsilon) * weight
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + cfg.norm_epsilon) * weight + state[prefix + ".bias"]
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, cfg: MegatronConfig) -> torch.Tensor:
+    """Rotate pairs (i, i + dim/2) of the first dim channels by position * base^(-2i/dim), via complex numbers."""
+    dim = int(cfg.kv_channels * cfg.rotary_percent)
+    half = dim // 2
+    freqs = cfg.rotary_base ** (-torch.arange(half, dtype=torch.float64) * 2 / dim)
+    angle = positions.double()[:, :, None, None] * freqs  # [b, s, 1, half]
+    pairs = torch.complex(x[..., :half].double(), x[..., half:dim].double()) * torch.polar(
+        torch.ones_like(angle), angle
+    )
+    rotated = torch.cat([pairs.real, pairs.imag], dim=-1).to(x.dtype)
+    return torch.cat([rotated, x[..., dim:]], dim=-1)
+
+
+def _linear(x: torch.Tensor, state: dict, prefix: str) -> torch.Tensor:
+    out = x @ state[prefix + ".weight"].t()
+    bias = state.get(prefix + ".bias")
+    return out if bias is None else out + bias
+
+
+def reference_logits(cfg: MegatronConfig, state: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits [b, s, vocab_size] of a GPT with full weights `state` (Megatron names), written plainly."""
+    b, s = tokens.shape
+    a, g, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
+    positions = torch.arange(s).expand(b, s)
+    x = state["embedding.word_embeddings.weight"][tokens]
+    if cfg.position_embedding_type == "learned_absolute":
+        x = x + state["embedding.position_embeddings.weight"][positions]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    for i in range(cfg.num_layers):
+        p = f"decoder.layers.{i}."
+        qkv = _linear(_norm(cfg, x, state, p + "input_layernorm"), state, p + "self_attention.linear_qkv")
+        qkv = qkv.view(b, s, g, a // g + 2, d)  # per group: a/g query heads, then k, then v
+        q = qkv[:, :, :, : a // g].reshape(b, s, a, d)
+        k, v = qkv[:, :, :, a // g], qkv[:, :, :, a // g + 1]  # [b, s, g, d]
+        if cfg.position_embedding_type == "rope":
+            q, k = _rope(q, positions, cfg), _rope(k, positions, cfg)
+        heads = []
+        for h in range(a):
+            group = h // (a // g)
+            scores = q[:, :, h] @ k[:, :, group].transpose(1, 2) / math.sqrt(d)  # [b, s, s]
+            probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            heads.append(probs @ v[:, :, group])
+        x = x + _linear(torch.cat(heads, dim=-1), state, p + "self_attention.linear_proj")
+        hidden = _linear(_norm(cfg, x, state, p + "pre_mlp_layernorm"), state, p + "mlp.linear_fc1")
+        if cfg.swiglu:
+            gate, up = hidden[..., : cfg.ffn_hidden_size], hidden[..., cfg.ffn_hidden_size :]
+            hidden = gate * torch.sigmoid(gate) * up
+        else:
+            hidden = 0.5 * hidden * (1 + torch.tanh(math.sqrt(2 / math.pi) * (hidden + 0.044715 * hidden**3)))
+        x = x + _linear(hidden, state, p + "mlp.linear_fc2")
+    x = _norm(cfg, x, state, "decoder.final_layernorm")
+    out_weight = state.get("output_layer.weight", state["embedding.word_embeddings.weight"])
+    return (x @ out_weight.t())[..., : cfg.vocab_size]

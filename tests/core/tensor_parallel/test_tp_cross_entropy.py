@@ -1,0 +1,108 @@
+"""Vocab-parallel cross entropy: equals F.cross_entropy on the full logits, values and gradients."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from dist_utils import run_distributed
+
+from megatron_lite.core.tensor_parallel import split_for_rank, vocab_parallel_cross_entropy
+
+S, B, V = 5, 3, 10
+LOGITS = torch.randn(S, B, V, generator=torch.Generator().manual_seed(0)) * 3
+TARGET = torch.randint(0, V, (S, B), generator=torch.Generator().manual_seed(1))
+UPSTREAM = torch.rand(S, B, generator=torch.Generator().manual_seed(2))
+
+
+def _reference(logits, target):
+    logits = logits.clone().requires_grad_(True)
+    loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [s, b]
+    loss.backward(UPSTREAM)
+    return loss.detach(), logits.grad
+
+
+def _ours(logits, target, group=None, vocab_size=None):
+    logits = logits.clone().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(logits, target, group, vocab_size)
+    loss.backward(UPSTREAM)
+    return loss.detach(), logits.grad
+
+
+def test_single_process_matches_torch():
+    loss, grad = _ours(LOGITS, TARGET)
+    ref_loss, ref_grad = _reference(LOGITS, TARGET)
+    assert loss.dtype == torch.float32 and loss.shape == (S, B)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+
+
+def test_padding_columns_are_excluded():
+    padded = torch.cat([LOGITS, torch.full((S, B, 2), 50.0)], dim=-1)  # two huge padding logits
+    loss, grad = _ours(padded, TARGET, vocab_size=V)
+    ref_loss, ref_grad = _reference(LOGITS, TARGET)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad[..., :V], ref_grad, atol=1e-6, rtol=0)
+    assert torch.count_nonzero(grad[..., V:]) == 0
+
+
+def test_bf16_logits_give_fp32_loss_and_bf16_gradient():
+    logits = LOGITS.bfloat16().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(logits, TARGET)
+    loss.backward(UPSTREAM)
+    assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    ref_loss, _ = _reference(LOGITS.bfloat16().float(), TARGET)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+
+
+def test_out_of_range_target_is_finite_and_gets_no_onehot():
+    """A pad id (-1, loss-masked later) must not index out of range, and leaves other tokens alone."""
+    target = TARGET.clone()
+    target[0, 0] = -1
+    loss, grad = _ours(LOGITS, target)
+    ref_loss, ref_grad = _reference(LOGITS, TARGET)
+    assert torch.isfinite(loss[0, 0])
+    torch.testing.assert_close(loss.flatten()[1:], ref_loss.flatten()[1:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad.flatten(0, 1)[1:], ref_grad.flatten(0, 1)[1:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad[0, 0], torch.softmax(LOGITS[0, 0], -1) * UPSTREAM[0, 0], atol=1e-6, rtol=0)
+
+
+def _ce_worker(rank, world_size):
+    group = dist.group.WORLD
+    plain = _ours(split_for_rank(LOGITS, 2, rank, 2), TARGET, group)
+    # 9 true columns padded to 10: rank 1's last column is padding and gets a huge logit.
+    padded = split_for_rank(torch.cat([LOGITS[..., :9], torch.full((S, B, 1), 80.0)], -1), 2, rank, 2)
+    target = TARGET.clamp(max=8)
+    # 4 true columns padded to 10: rank 1's whole shard is padding.
+    tiny = split_for_rank(LOGITS, 2, rank, 2)
+    return {
+        "plain": plain,
+        "padded": _ours(padded, target, group, vocab_size=9),
+        "tiny": _ours(tiny, TARGET % 4, group, vocab_size=4),
+    }
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(_ce_worker, 2)
+
+
+def test_tensor_parallel_matches_full_vocab(results):
+    ref_loss, ref_grad = _reference(LOGITS, TARGET)
+    pad_loss, pad_grad = _reference(LOGITS[..., :9], TARGET.clamp(max=8))
+    for rank, got in enumerate(results):
+        loss, grad = got["plain"]
+        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, split_for_rank(ref_grad, 2, rank, 2), atol=1e-6, rtol=0)
+        loss, grad = got["padded"]
+        torch.testing.assert_close(loss, pad_loss, atol=1e-6, rtol=0)
+        expected_grad = torch.cat([pad_grad, torch.zeros(S, B, 1)], dim=-1)
+        torch.testing.assert_close(grad, split_for_rank(expected_grad, 2, rank, 2), atol=1e-6, rtol=0)
+
+
+def test_a_rank_holding_only_padding(results):
+    ref_loss, ref_grad = _reference(LOGITS[..., :4], TARGET % 4)
+    expected_grad = torch.cat([ref_grad, torch.zeros(S, B, 6)], dim=-1)
+    for rank, got in enumerate(results):
+        loss, grad = got["tiny"]
+        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, split_for_rank(expected_grad, 2, rank, 2), atol=1e-6, rtol=0)

@@ -1,0 +1,127 @@
+"""Tokenizer facts: GPT-2 ids and eod, user vocab files, batch encoding, the byte tokenizer, errors."""
+
+import random
+from pathlib import Path
+
+import pytest
+
+from megatron_lite.errors import UserError
+from megatron_lite.tokenizer import ByteTokenizer, GPT2BPETokenizer, build_tokenizer
+
+ASSETS = Path(__file__).resolve().parents[2] / "megatron_lite" / "tokenizer" / "assets"
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> GPT2BPETokenizer:
+    return build_tokenizer("GPT2BPETokenizer")
+
+
+def test_gpt2_facts(gpt2):
+    assert gpt2.name == "GPT2BPETokenizer"
+    assert gpt2.vocab_size == 50257
+    assert gpt2.eod == 50256
+    assert gpt2.encode("Hello, I am") == [15496, 11, 314, 716]
+    assert gpt2.decode([15496, 11, 314, 716]) == "Hello, I am"
+    assert gpt2.decode([50256]) == "<|endoftext|>"
+
+
+def test_gpt2_never_makes_eod_from_text(gpt2):
+    ids = gpt2.encode("a<|endoftext|>b")
+    assert 50256 not in ids
+    assert gpt2.decode(ids) == "a<|endoftext|>b"
+
+
+def test_gpt2_from_user_vocab_and_merge_files_equals_shipped(gpt2):
+    user = build_tokenizer("GPT2BPETokenizer", str(ASSETS / "encoder.json"), str(ASSETS / "vocab.bpe"))
+    assert user.vocab_size == 50257 and user.eod == 50256
+    for token in range(50256):
+        assert user._enc.decode_single_token_bytes(token) == gpt2._enc.decode_single_token_bytes(token)
+    text = "The quick brown fox's 3 jumps — naïve café, 1234567 ! \n\n  indented\ttab"
+    assert user.encode(text) == gpt2.encode(text)
+
+
+def _tricky_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    alphabet = [
+        "a",
+        "b",
+        " ",
+        "  ",
+        "\n",
+        "\t",
+        "'s",
+        "'ll",
+        "1",
+        "23",
+        "é",
+        "日本",
+        "🙂",
+        ".",
+        "!",
+        "\r\n",
+        "<|",
+        "|>",
+    ]
+    texts = ["", " ", "\n", "x", "<|endoftext|>", "a <|endoftext|> b", "\ud800 lone surrogate"]
+    for _ in range(n):
+        texts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))))
+    return texts
+
+
+def test_gpt2_encode_flat_and_batch_equal_one_by_one(gpt2):
+    texts = _tricky_texts(3000, seed=0)
+    flat, lengths = gpt2.encode_flat(texts)
+    expected = [gpt2.encode(t) for t in texts]
+    assert lengths.tolist() == [len(e) for e in expected]
+    assert flat.tolist() == [i for e in expected for i in e]
+    assert gpt2.encode_batch(texts) == expected
+    assert gpt2.encode_batch([]) == []
+
+
+def test_gpt2_encode_flat_splits_large_batches(gpt2, monkeypatch):
+    import megatron_lite.tokenizer.gpt2_bpe as gpt2_bpe
+
+    monkeypatch.setattr(gpt2_bpe, "JOIN_TARGET_CHARS", 10)
+    texts = _tricky_texts(500, seed=1)
+    flat, lengths = gpt2.encode_flat(texts)
+    assert lengths.tolist() == [len(gpt2.encode(t)) for t in texts]
+    assert flat.tolist() == [i for t in texts for i in gpt2.encode(t)]
+
+
+def test_byte_tokenizer_round_trip():
+    tok = build_tokenizer("ByteTokenizer")
+    assert isinstance(tok, ByteTokenizer)
+    assert (tok.vocab_size, tok.eod, tok.name) == (257, 256, "ByteTokenizer")
+    text = "héllo ✓ 𝄞\n"
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    assert tok.decode(ids + [256]) == text  # eod is not text
+    assert tok.decode([0xFF, 0x41]) == "\ufffdA"
+    flat, lengths = tok.encode_flat(["ab", "", "é"])
+    assert flat.tolist() == [97, 98, 0xC3, 0xA9] and lengths.tolist() == [2, 0, 2]
+    assert tok.encode_batch(["ab", "é"]) == [[97, 98], [0xC3, 0xA9]]
+
+
+def test_unknown_tokenizer_type_names_flag_and_choices():
+    with pytest.raises(UserError) as err:
+        build_tokenizer("SentencePieceTokenizer")
+    message = str(err.value)
+    assert "--tokenizer-type" in message and "'SentencePieceTokenizer'" in message
+    assert "GPT2BPETokenizer" in message and "ByteTokenizer" in message
+
+
+def test_missing_vocab_file_is_named(tmp_path):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(UserError, match=r"nope\.json: --vocab-file not found"):
+        build_tokenizer("GPT2BPETokenizer", str(missing), str(ASSETS / "vocab.bpe"))
+    with pytest.raises(UserError, match="go together"):
+        build_tokenizer("GPT2BPETokenizer", str(ASSETS / "encoder.json"), None)
+
+
+def test_mismatched_vocab_and_merge_files(tmp_path):
+    merges = tmp_path / "vocab.bpe"
+    lines = (ASSETS / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    merges.write_text("\n".join(lines[:1] + lines[2:]), encoding="utf-8")  # drop the first merge
+    with pytest.raises(UserError, match="does not match"):
+        build_tokenizer("GPT2BPETokenizer", str(ASSETS / "encoder.json"), str(merges))

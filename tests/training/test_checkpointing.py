@@ -1,0 +1,403 @@
+"""Checkpoints in one process: layout, bit-exact round trips, crash safety, keep-last and user errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+from test_checkpointing_support import (
+    VOCAB,
+    build,
+    draw_random_numbers,
+    local_optimizer,
+    make_cfg,
+    seed_everything,
+    snapshot,
+    train_steps,
+)
+
+from megatron_lite.errors import UserError
+from megatron_lite.parallel_state import ParallelState
+from megatron_lite.training import checkpointing
+from megatron_lite.training.checkpointing import (
+    load_checkpoint,
+    load_model_weights,
+    load_saved_config,
+    read_full_tensors,
+    read_latest_iteration,
+    save_checkpoint,
+)
+from megatron_lite.training.state import TrainProgress
+
+POINTER = "latest_checkpointed_iteration.txt"
+ONE = ParallelState()
+
+
+def trained(steps: int = 2, **overrides):
+    cfg = make_cfg(**overrides)
+    model, optimizer, scheduler = build(cfg)
+    train_steps(model, optimizer, scheduler, cfg, ONE, range(steps))
+    return cfg, model, optimizer, scheduler
+
+
+def save(path, iteration, cfg, model, optimizer, scheduler, **kwargs):
+    kwargs.setdefault("consumed_train_samples", iteration * cfg.global_batch_size)
+    save_checkpoint(path, iteration, model, optimizer, scheduler, cfg, None, **kwargs)
+
+
+def fresh(**overrides):
+    """A model, optimizer and schedule that differ from the trained ones (other seed, more steps)."""
+    cfg = make_cfg(**overrides)
+    model, optimizer, scheduler = build(cfg, seed=77)
+    train_steps(model, optimizer, scheduler, cfg, ONE, range(10, 15))
+    return cfg, model, optimizer, scheduler
+
+
+def assert_same(actual: dict, expected: dict, rows: int | None = None) -> None:
+    """Parameters, owned Adam states and the buffer equal bit for bit (first `rows` vocab rows if given)."""
+
+    def cut(name, tensor):
+        if rows is not None and name.startswith(("embedding.word", "output_layer")) and tensor.dim() > 0:
+            return tensor[:rows]
+        return tensor
+
+    assert actual["params"].keys() == expected["params"].keys()
+    for name, value in expected["params"].items():
+        assert torch.equal(cut(name, actual["params"][name]), cut(name, value)), name
+    assert actual["states"].keys() == expected["states"].keys()
+    for name, state in expected["states"].items():
+        assert actual["states"][name].keys() == state.keys(), name
+        for key, value in state.items():
+            assert torch.equal(cut(name, actual["states"][name][key]), cut(name, value)), (name, key)
+    assert torch.equal(actual["buffer"], expected["buffer"])
+
+
+def assert_same_draws(actual: dict, expected: dict) -> None:
+    assert actual["random"] == expected["random"]
+    assert actual["np"] == expected["np"]
+    assert torch.equal(actual["torch"], expected["torch"])
+    assert torch.equal(actual["tracker"], expected["tracker"])
+
+
+def test_layout_pointer_and_common_file(tmp_path):
+    cfg, model, optimizer, scheduler = trained()
+    save(tmp_path, 7, cfg, model, optimizer, scheduler, consumed_train_samples=14)
+
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000007", POINTER]
+    assert (tmp_path / POINTER).read_text() == "7"
+    assert read_latest_iteration(tmp_path) == 7
+    ckpt = tmp_path / "iter_0000007"
+    assert sorted(os.listdir(ckpt)) == [
+        ".metadata",
+        "__0_0.distcp",
+        "common.pt",
+        "metadata.json",
+        "rng_state_0.pt",
+    ]
+    assert json.loads((ckpt / "metadata.json").read_text()) == {
+        "sharded_backend": "torch_dist",
+        "sharded_backend_version": 1,
+        "common_backend": "torch",
+        "common_backend_version": 1,
+    }
+    common = torch.load(ckpt / "common.pt", weights_only=True)
+    assert common["checkpoint_version"] == 3.0
+    assert (common["iteration"], common["consumed_train_samples"]) == (7, 14)
+    assert common["args"] == cfg.to_dict()
+    assert common["opt_param_scheduler"] == scheduler.state_dict()
+    assert common["layout"] == {"world_size": 1, "tensor_model_parallel_size": 1, "data_parallel_size": 1}
+    # The padded vocabulary (384 rows at TP=1) is stored as 3 blocks of 128 rows: the same at any TP.
+    embedding = common["tensors"]["model.embedding.word_embeddings.weight"]
+    assert (embedding["kind"], embedding["stored_shape"], embedding["vocab_size"]) == (
+        "vocab",
+        [3, 128, 8],
+        VOCAB,
+    )
+    assert common["tensors"]["optimizer.state.output_layer.weight.exp_avg"]["stored_shape"] == [3, 128, 8]
+    fc1 = common["tensors"]["model.fc1.weight"]
+    assert (fc1["kind"], fc1["stored_shape"], fc1["stride"]) == ("sharded", [2, 32, 8], 2)
+    assert load_saved_config(tmp_path) == cfg
+
+
+def test_save_then_load_is_bit_identical(tmp_path):
+    seed_everything(11)
+    cfg, model, optimizer, scheduler = trained(steps=3)
+    extra = {"skipped_iterations": 1, "loss_scaler": {"scale": 1024.0, "growth_tracker": 3}}
+    save(tmp_path, 3, cfg, model, optimizer, scheduler, consumed_train_samples=6, extra_state=extra)
+    expected_draws = draw_random_numbers()
+    expected = snapshot(model, optimizer)
+    expected_schedule = scheduler.state_dict()
+    expected_lrs = [group["lr"] for group in optimizer.param_groups]
+    train_steps(model, optimizer, scheduler, cfg, ONE, range(3, 4))
+    continued = snapshot(model, optimizer)
+
+    seed_everything(99)
+    _, model2, optimizer2, scheduler2 = fresh()
+    model2.seen_tokens.zero_()
+    progress = load_checkpoint(tmp_path, model2, optimizer2, scheduler2, cfg, None)
+
+    assert progress == TrainProgress(3, 6, 1, extra)
+    assert_same_draws(draw_random_numbers(), expected_draws)
+    assert_same(snapshot(model2, optimizer2), expected)
+    assert scheduler2.state_dict() == expected_schedule
+    assert [group["lr"] for group in optimizer2.param_groups] == expected_lrs
+    # Resuming continues exactly as the uninterrupted run did (Adam's step count included).
+    train_steps(model2, optimizer2, scheduler2, cfg, ONE, range(3, 4))
+    assert_same(snapshot(model2, optimizer2), continued)
+
+
+def test_finetune_and_no_load_flags(tmp_path):
+    cfg, model, optimizer, scheduler = trained(steps=3)
+    save(tmp_path, 3, cfg, model, optimizer, scheduler)
+    weights = snapshot(model, optimizer)["params"]
+
+    for flags, expected_progress, expected_steps in (
+        ({"finetune": True}, TrainProgress(), 0),
+        ({"no_load_optim": True, "no_load_rng": True}, TrainProgress(3, 3, 0, {}), 3),
+    ):
+        load_cfg = make_cfg(**flags)
+        model2, optimizer2, scheduler2 = build(load_cfg, seed=5)
+        seed_everything(5)
+        expected_draws = draw_random_numbers()
+        seed_everything(5)
+        progress = load_checkpoint(tmp_path, model2, optimizer2, scheduler2, load_cfg, None)
+        assert progress == expected_progress, flags
+        for name, value in weights.items():
+            assert torch.equal(dict(model2.named_parameters())[name].detach(), value), (flags, name)
+        assert len(local_optimizer(optimizer2).state) == 0, flags
+        assert scheduler2.num_steps == expected_steps * load_cfg.global_batch_size, flags
+        assert_same_draws(draw_random_numbers(), expected_draws)
+
+
+def test_missing_checkpoint(tmp_path):
+    cfg, model, optimizer, scheduler = trained(steps=0)
+    assert load_checkpoint(tmp_path / "empty", model, optimizer, scheduler, cfg, None) is None
+    assert read_latest_iteration(tmp_path / "empty") is None
+    cfg.exit_on_missing_checkpoint = True
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(tmp_path / "empty", model, optimizer, scheduler, cfg, None)
+    assert str(caught.value) == (
+        f"--load {tmp_path / 'empty'} holds no checkpoint (latest_checkpointed_iteration.txt is missing) "
+        "and --exit-on-missing-checkpoint is set"
+    )
+
+
+def test_unreadable_pointer_and_missing_parts(tmp_path):
+    (tmp_path / POINTER).write_text("abc\n")
+    with pytest.raises(UserError) as caught:
+        read_latest_iteration(tmp_path)
+    assert (
+        str(caught.value) == f"{tmp_path / POINTER} holds 'abc', not an iteration number; fix it or delete it"
+    )
+
+    (tmp_path / POINTER).write_text("5")
+    cfg, model, optimizer, scheduler = trained(steps=0)
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(tmp_path, model, optimizer, scheduler, cfg, None)
+    assert (
+        str(caught.value)
+        == f"{tmp_path / POINTER} names iteration 5 but {tmp_path / 'iter_0000005'} does not exist"
+    )
+
+    save(
+        tmp_path / "no_optim", 1, make_cfg(no_save_optim=True, no_save_rng=True), model, optimizer, scheduler
+    )
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(tmp_path / "no_optim", model, optimizer, scheduler, cfg, None)
+    assert str(caught.value) == (
+        f"checkpoint {tmp_path / 'no_optim' / 'iter_0000001'} holds no optimizer state (saved with --no-save-optim); "
+        "pass --no-load-optim or --finetune"
+    )
+    cfg.no_load_optim = True
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(tmp_path / "no_optim", model, optimizer, scheduler, cfg, None)
+    assert str(caught.value) == (
+        f"checkpoint {tmp_path / 'no_optim' / 'iter_0000001'} holds no RNG state (saved with --no-save-rng); "
+        "pass --no-load-rng"
+    )
+
+
+@pytest.mark.parametrize("crash", [RuntimeError, KeyboardInterrupt])
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch, crash):
+    cfg, model, optimizer, scheduler = trained()
+    save(tmp_path, 2, cfg, model, optimizer, scheduler)
+    expected = snapshot(model, optimizer)
+    train_steps(model, optimizer, scheduler, cfg, ONE, range(2, 3))
+
+    def crash_after_partial_write(tmp, common):
+        # The DCP shards and RNG file are already written; common.pt is half written when we die.
+        assert (tmp / "__0_0.distcp").exists() and (tmp / "rng_state_0.pt").exists()
+        (tmp / "common.pt").write_bytes(b"\x80\x02half a pickle")
+        raise crash("simulated crash")
+
+    monkeypatch.setattr(checkpointing, "_write_common_files", crash_after_partial_write)
+    with pytest.raises(crash, match="simulated crash"):
+        save(tmp_path, 3, cfg, model, optimizer, scheduler)
+    monkeypatch.undo()
+
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", POINTER]
+    assert (tmp_path / POINTER).read_text() == "2"
+    _, model2, optimizer2, scheduler2 = fresh()
+    assert load_checkpoint(tmp_path, model2, optimizer2, scheduler2, cfg, None).iteration == 2
+    assert_same(snapshot(model2, optimizer2), expected)
+
+
+def test_stray_temporary_directory_is_ignored_then_removed(tmp_path):
+    cfg, model, optimizer, scheduler = trained()
+    save(tmp_path, 2, cfg, model, optimizer, scheduler)
+    expected = snapshot(model, optimizer)
+    # What a save killed mid-write leaves: a half-written directory and a pointer that never moved.
+    stray = tmp_path / "iter_0000004.tmp-0badc0de"
+    stray.mkdir()
+    (stray / "__0_0.distcp").write_bytes(b"half")
+    (tmp_path / f"{POINTER}.tmp-0badc0de").write_text("4")
+
+    assert read_latest_iteration(tmp_path) == 2
+    _, model2, optimizer2, scheduler2 = fresh()
+    assert load_checkpoint(tmp_path, model2, optimizer2, scheduler2, cfg, None).iteration == 2
+    assert_same(snapshot(model2, optimizer2), expected)
+
+    save(tmp_path, 4, cfg, model, optimizer, scheduler)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "iter_0000004", POINTER]
+
+
+def test_resaving_an_iteration_replaces_it_and_survives_a_crash_between_renames(tmp_path, monkeypatch):
+    cfg, model, optimizer, scheduler = trained()
+    save(tmp_path, 2, cfg, model, optimizer, scheduler)
+    first = snapshot(model, optimizer)
+    train_steps(model, optimizer, scheduler, cfg, ONE, range(2, 3))
+    second = snapshot(model, optimizer)
+
+    # Die after the old directory is parked and before the new one is renamed into place.
+    real_rename = os.rename
+    calls = []
+
+    def rename_then_die(src, dst):
+        if os.path.basename(src).startswith("iter_"):  # DCP renames its own .metadata.tmp
+            calls.append((os.path.basename(src), os.path.basename(dst)))
+            if len(calls) == 2:
+                raise OSError(errno.EIO, "Input/output error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_then_die)
+    with pytest.raises(UserError, match="Input/output error"):
+        save(tmp_path, 2, cfg, model, optimizer, scheduler)
+    monkeypatch.undo()
+    assert calls[0][0] == "iter_0000002" and calls[0][1].startswith("iter_0000002.old-")
+    assert calls[1][0].startswith("iter_0000002.tmp-") and calls[1][1] == "iter_0000002"
+    _, model2, optimizer2, scheduler2 = fresh()
+    assert load_checkpoint(tmp_path, model2, optimizer2, scheduler2, cfg, None).iteration == 2
+    assert_same(snapshot(model2, optimizer2), first)
+
+    save(tmp_path, 2, cfg, model, optimizer, scheduler)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", POINTER]
+    _, model3, optimizer3, scheduler3 = fresh()
+    load_checkpoint(tmp_path, model3, optimizer3, scheduler3, cfg, None)
+    assert_same(snapshot(model3, optimizer3), second)
+
+
+def test_save_keep_last(tmp_path):
+    cfg, model, optimizer, scheduler = trained(steps=1, save_keep_last=2)
+    for iteration in range(1, 5):
+        save(tmp_path, iteration, cfg, model, optimizer, scheduler)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000003", "iter_0000004", POINTER]
+    # Saving an earlier iteration (a rewound run) never deletes the later checkpoints.
+    save(tmp_path, 2, cfg, model, optimizer, scheduler)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "iter_0000003", "iter_0000004", POINTER]
+    assert read_latest_iteration(tmp_path) == 2
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    cfg, model, optimizer, scheduler = trained()
+    save(tmp_path, 2, cfg, model, optimizer, scheduler)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # DCP syncs each shard file as it writes it
+    with pytest.raises(UserError) as caught:
+        save(tmp_path, 3, cfg, model, optimizer, scheduler)
+    monkeypatch.undo()
+    assert str(caught.value) == (
+        f"cannot save checkpoint iteration 3 to {tmp_path}: No space left on device; check that --save is a "
+        "writable directory with free space (earlier checkpoints are untouched)"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", POINTER]
+    assert (tmp_path / POINTER).read_text() == "2"
+
+
+def test_unwritable_save_directory_is_one_line(tmp_path):
+    cfg, model, optimizer, scheduler = trained(steps=0)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError) as caught:
+        save(blocker / "ckpt", 1, cfg, model, optimizer, scheduler)
+    assert str(caught.value) == (
+        f"cannot save checkpoint iteration 1 to {blocker / 'ckpt'}: Not a directory; check that --save is a "
+        "writable directory with free space (earlier checkpoints are untouched)"
+    )
+
+
+def test_different_model_shape_is_one_line(tmp_path):
+    cfg, model, optimizer, scheduler = trained(steps=0)
+    save(tmp_path, 1, cfg, model, optimizer, scheduler)
+    other_cfg, other_model, other_optimizer, other_scheduler = fresh(hidden_size=16)
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(tmp_path, other_model, other_optimizer, other_scheduler, other_cfg, None)
+    assert str(caught.value) == (
+        f"checkpoint {tmp_path / 'iter_0000001'} holds a different model: --hidden-size 8 in the checkpoint, "
+        "16 given; give the checkpoint's model flags"
+    )
+    # Without a config to compare (tools/generate.py), the tensors themselves are checked.
+    with pytest.raises(UserError) as caught:
+        load_model_weights(other_model, tmp_path)
+    assert str(caught.value) == (
+        f"checkpoint {tmp_path / 'iter_0000001'} does not fit this model: embedding.word_embeddings.weight is "
+        "[257, 8] in it, [257, 16] in the model; fc1.weight is [64, 8] in it, [128, 16] in the model; "
+        "fc1.bias is [64] in it, [128] in the model (and 5 more)"
+    )
+
+
+def test_other_vocab_padding_copies_the_true_rows(tmp_path):
+    # --make-vocab-size-divisible-by 64 pads 257 to 320 rows instead of 384: the stored blocks no
+    # longer line up, so the whole tensor is read and its true rows copied.
+    cfg, model, optimizer, scheduler = trained()
+    save(tmp_path, 2, cfg, model, optimizer, scheduler)
+    load_cfg, model2, optimizer2, scheduler2 = fresh(make_vocab_size_divisible_by=64)
+    assert load_cfg.padded_vocab_size == 320
+    load_checkpoint(tmp_path, model2, optimizer2, scheduler2, load_cfg, None)
+    loaded = snapshot(model2, optimizer2)
+    assert_same(loaded, snapshot(model, optimizer), rows=VOCAB)
+    assert loaded["params"]["output_layer.weight"].shape == (320, 8)
+    assert torch.equal(
+        loaded["states"]["output_layer.weight"]["exp_avg"][VOCAB:], torch.zeros(320 - VOCAB, 8)
+    )
+
+
+def test_load_model_weights_and_read_full_tensors(tmp_path):
+    cfg, model, optimizer, scheduler = trained()
+    save(tmp_path, 2, cfg, model, optimizer, scheduler)
+    train_steps(model, optimizer, scheduler, cfg, ONE, range(2, 3))
+    save(tmp_path, 3, cfg, model, optimizer, scheduler)
+    latest = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    model2, _, _ = build(make_cfg(), seed=3)
+    assert load_model_weights(model2, tmp_path) == 3
+    for name, value in latest.items():
+        assert torch.equal(dict(model2.named_parameters())[name].detach(), value), name
+    assert load_model_weights(model2, tmp_path, iteration=2) == 2
+
+    full = read_full_tensors(tmp_path)
+    assert sorted(full) == sorted([*latest, "seen_tokens"])
+    assert full["embedding.word_embeddings.weight"].shape == (VOCAB, 8)
+    for name, value in latest.items():
+        expected = value[:VOCAB] if name.startswith(("embedding.word", "output_layer")) else value
+        assert torch.equal(full[name], expected), name
+    states = read_full_tensors(tmp_path, prefix="optimizer.state.")
+    assert torch.equal(
+        states["fc2.weight.exp_avg_sq"], local_optimizer(optimizer).state[model.fc2.weight]["exp_avg_sq"]
+    )
+    assert states["fc2.weight.step"].item() == 3.0

@@ -1,0 +1,185 @@
+"""Megatron's console line and validation box, interval accounting, and the TensorBoard tags read back."""
+
+import math
+
+import pytest
+from megatron_log import MEGATRON_LINE, REFERENCE_EXAMPLE, VALIDATION_LINE
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from megatron_lite.arguments import parse_config
+from megatron_lite.parallel_state import ParallelState
+from megatron_lite.training.logger import TrainingLogger, format_log_line, format_validation_box
+from megatron_lite.training.training import pretrain
+
+TINY = (
+    "--num-layers 1 --hidden-size 16 --num-attention-heads 2 --seq-length 8 --mock-data --vocab-size 64 "
+    "--micro-batch-size 2 --global-batch-size 4 --lr 1e-3 --num-workers 0 --peak-tflops 0.5 "
+    "--hidden-dropout 0 --attention-dropout 0"
+)
+
+
+def test_reference_example_matches_the_pattern():
+    match = MEGATRON_LINE.match(REFERENCE_EXAMPLE)
+    assert match is not None
+    assert (
+        match["lr"] == "3.333333E-05" and match["megatron_tflops"] == "4.5" and match["grad_norm"] == "6.321"
+    )
+
+
+def test_line_format_is_megatrons_with_our_throughput_fields():
+    line = format_log_line(
+        iteration=20,
+        train_iters=100,
+        consumed_samples=640,
+        elapsed_ms=123.456,
+        learning_rate=3.0e-4,
+        global_batch_size=32,
+        losses={"lm loss": 7.123456789},
+        loss_scale=1.0,
+        grad_norm=1.23456,
+        skipped_iterations=2,
+        nan_iterations=1,
+        tokens_per_second=16587.04,
+        tokens_per_second_per_rank=8293.52,
+        tflops=0.2549,
+        mfu=0.1234,
+        timestamp="2025-05-09 06:11:17",
+    )
+    assert line == (
+        " [2025-05-09 06:11:17] iteration       20/     100 | consumed samples:          640 |"
+        " elapsed time per iteration (ms): 123.5 | tokens per second: 16587.0 | tokens per second per rank:"
+        " 8293.5 | TFLOP/s: 0.3 | MFU: 12.3% | learning rate: 3.000000E-04 | global batch size:    32 |"
+        " lm loss: 7.123457E+00 | loss scale: 1.0 | grad norm: 1.235 | number of skipped iterations:   2 |"
+        " number of nan iterations:   1 |"
+    )
+    fields = MEGATRON_LINE.match(line).groupdict()
+    assert (fields["iteration"], fields["tokens_per_rank"], fields["mfu"]) == ("20", "8293.5", "12.3")
+
+
+def test_megatron_throughput_field_and_zero_loss_is_hidden():
+    line = format_log_line(
+        iteration=1,
+        train_iters=10,
+        consumed_samples=32,
+        elapsed_ms=21847.94,
+        learning_rate=3.333333e-05,
+        global_batch_size=32,
+        losses={"lm loss": 0.0},
+        loss_scale=1.0,
+        grad_norm=None,
+        skipped_iterations=1,
+        nan_iterations=1,
+        megatron_tflops_per_gpu=4.49,
+        timestamp="2025-05-09 06:11:17",
+    )
+    assert "lm loss" not in line and "grad norm" not in line
+    assert (
+        " elapsed time per iteration (ms): 21847.9 | throughput per GPU (TFLOP/s/GPU): 4.5 | learning rate:"
+        in line
+    )
+    assert MEGATRON_LINE.match(line)
+
+
+def test_validation_box():
+    box = format_validation_box("iteration 100", {"lm loss": 2.5})
+    middle = " validation loss at iteration 100 | lm loss value: 2.500000E+00 | lm loss PPL: 1.218249E+01 | "
+    assert box.splitlines() == ["-" * (len(middle) + 1), middle, "-" * (len(middle) + 1)]
+    assert VALIDATION_LINE.match(middle)["where"] == "iteration 100"
+    # Megatron caps the perplexity at exp(20).
+    assert f"PPL: {math.exp(20):.6E}" in format_validation_box("x", {"lm loss": 25.0})
+
+
+def test_interval_means_over_advanced_iterations_and_counts_skips():
+    cfg = parse_config((TINY + " --train-iters 8 --log-interval 4").split()).finalize(1)
+    printed = []
+    logger = TrainingLogger(cfg, ParallelState(), print_fn=printed.append)
+    assert printed == [
+        "> MFU is measured against a peak of 0.500 TFLOP/s per rank (given by --peak-tflops: 0.5 TFLOP/s)"
+    ]
+    logger.start()
+    steps = [(2.0, False), (float("nan"), True), (4.0, False), (9.0, True)]  # one nan, one overflow skip
+    lines = [
+        logger.training_step(
+            iteration=i + 1,
+            consumed_samples=4 * (i + 1),
+            learning_rate=1e-3,
+            loss=loss,
+            grad_norm=0.5,
+            loss_scale=1.0,
+            skipped=skipped,
+        )
+        for i, (loss, skipped) in enumerate(steps)
+    ]
+    assert lines[:3] == [None, None, None]
+    fields = MEGATRON_LINE.match(lines[3]).groupdict()
+    assert (fields["loss"], fields["skipped"], fields["nan"]) == ("3.000000E+00", "2", "1")
+    assert fields["tokens_per_second"] is not None and fields["tokens_per_rank"] is None
+    assert printed[-1] == lines[3]
+    # The next interval starts from zero.
+    logger.training_step(
+        iteration=5,
+        consumed_samples=20,
+        learning_rate=1e-3,
+        loss=1.0,
+        grad_norm=0.5,
+        loss_scale=1.0,
+        skipped=False,
+    )
+    assert logger._skipped == 0 and logger._loss_sum == 1.0
+
+
+def _scalars(accumulator, tag):
+    return [(e.step, e.value) for e in accumulator.Scalars(tag)]
+
+
+def test_tensorboard_tags_and_values(tmp_path):
+    cfg = parse_config(
+        (
+            TINY
+            + f" --train-iters 6 --log-interval 3 --eval-interval 3 --eval-iters 1 --tensorboard-dir {tmp_path}"
+        ).split()
+    )
+    result = pretrain(cfg)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in (
+        "learning-rate",
+        "batch-size",
+        "lm loss",
+        "grad-norm",
+        "loss-scale",
+        "lm loss validation",
+        "lm loss validation ppl",
+    ):
+        assert {tag, f"{tag} vs samples"} <= tags
+    assert {"throughput", "iteration-time", "mem-rss-bytes", "lm loss test"} <= tags
+
+    losses = _scalars(events, "lm loss")
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in losses] == pytest.approx([v for _, v in result.losses], rel=1e-6)
+    assert [s for s, _ in _scalars(events, "lm loss vs samples")] == [4, 8, 12, 16, 20, 24]
+    # linear decay from 1e-3 to 0 over 6 iterations; the logged value is the one after the step
+    assert [v for _, v in _scalars(events, "learning-rate")] == pytest.approx(
+        [1e-3 * (1 - k / 6) for k in range(1, 7)], abs=1e-10
+    )
+    assert [v for _, v in _scalars(events, "batch-size")] == [4.0] * 6
+    assert [v for _, v in _scalars(events, "loss-scale")] == [1.0] * 6
+    validation = _scalars(events, "lm loss validation")
+    assert [s for s, _ in validation] == [3, 6, 6]  # iterations 3 and 6, then the final evaluation
+    assert [v for _, v in validation] == pytest.approx([v for _, v in result.validation_losses], rel=1e-6)
+    ppl = [v for _, v in _scalars(events, "lm loss validation ppl")]
+    assert ppl == pytest.approx([math.exp(v) for _, v in result.validation_losses], rel=1e-5)
+    assert [s for s, _ in _scalars(events, "lm loss validation vs samples")] == [12, 24, 24]
+    assert [s for s, _ in _scalars(events, "throughput")] == [3, 6]
+    assert all(v > 1e6 for _, v in _scalars(events, "mem-rss-bytes"))
+
+    def text(name):
+        return events.Tensors(f"{name}/text_summary")[0].tensor_proto.string_val[0].decode()
+
+    assert (text("hidden_size"), text("lr"), text("mock_data"), text("tensorboard_dir")) == (
+        "16",
+        "0.001",
+        "True",
+        str(tmp_path),
+    )

@@ -1,0 +1,12 @@
+"""Concatenate .bin/.idx datasets into one (see megatron_lite/data_preprocessing.py)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_lite.data_preprocessing import merge_main  # noqa: E402
+from megatron_lite.errors import run_cli  # noqa: E402
+
+if __name__ == "__main__":
+    run_cli(lambda: merge_main(sys.argv[1:]))
