@@ -191,7 +191,8 @@ def run_dtype(args: argparse.Namespace, dtype_name: str, device: torch.device) -
     cfg = build_config(args.config, args.micro_batch_size, bf16=autocast_dtype is not None)
     b, s = cfg.micro_batch_size, cfg.seq_length
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, cfg.vocab_size, (b, s + 1), generator=generator).to(device) for _ in range(4)]
+    samples = [torch.randint(0, cfg.vocab_size, (b, s + 1), generator=generator) for _ in range(4)]
+    batches = [(x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)) for x in samples]
     makers = [make_ours, make_plain, make_hf]
     contenders = [c for c in (make(cfg, device, autocast_dtype) for make in makers) if c is not None]
     flops = num_floating_point_operations(cfg, b)
@@ -207,7 +208,7 @@ def run_dtype(args: argparse.Namespace, dtype_name: str, device: torch.device) -
         for _ in range(iters):
             batch = batches[step_index % len(batches)]
             step_index += 1
-            loss = contender.step(batch[:, :-1], batch[:, 1:])
+            loss = contender.step(*batch)
         contender.last_loss = float(loss)  # .item() syncs, inside the window like a logged loss would
         _sync(device)
         return time.perf_counter() - start
@@ -246,7 +247,13 @@ def run_dtype(args: argparse.Namespace, dtype_name: str, device: torch.device) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-small")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "both"],
+        default="auto",
+        help="auto: fp32, and bf16 autocast where the device has fast bf16 matmuls (GPUs, CPUs with "
+        "native bf16); a CPU without them runs bf16 10-20x slower than fp32 and would take many minutes.",
+    )
     parser.add_argument("--iters", type=int, default=2, help="Training steps per timed window.")
     parser.add_argument("--windows", type=int, default=5, help="Timed windows per model (median reported).")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per model first.")
@@ -271,8 +278,25 @@ def main() -> None:
         f"(Megatron's formula); {args.warmup} warm-up steps, then {args.windows} interleaved windows "
         f"of {args.iters} steps per model; median window reported"
     )
-    for dtype_name in ("fp32", "bf16") if args.dtype == "both" else (args.dtype,):
+    for dtype_name in _dtypes_to_run(args.dtype, device):
         run_dtype(args, dtype_name, device)
+
+
+def _dtypes_to_run(choice: str, device: torch.device) -> list[str]:
+    if choice != "auto":
+        return ["fp32", "bf16"] if choice == "both" else [choice]
+    if device.type == "cuda":
+        return ["fp32", "bf16"]
+    fp32, _ = device_peak_flops(device, torch.float32)
+    bf16, _ = device_peak_flops(device, torch.bfloat16)
+    if bf16 >= 0.5 * fp32:
+        return ["fp32", "bf16"]
+    print(
+        f"  bf16 skipped: this CPU's bf16 matmul measures {bf16 / 1e12:.3f} TFLOP/s against "
+        f"{fp32 / 1e12:.3f} in fp32 (no native bf16 units); --dtype bf16 times it anyway",
+        flush=True,
+    )
+    return ["fp32"]
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                     for process in context.processes:
                         process.kill()
                     raise TimeoutError(f"{world_size} ranks did not finish within {timeout} s")
-        except mp.ProcessRaisedException:
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
             pass
         results = []
         for rank in range(world_size):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_lite.config import MegatronConfig
+from megatron_lite.config import MegatronConfig, pad_vocab_size
 from megatron_lite.core.models.gpt import GPTModel, KVCache
 from megatron_lite.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron_lite.errors import fail
@@ -201,8 +201,8 @@ def load_model_for_inference(
 ) -> tuple[GPTModel, MegatronConfig, Any]:
     """The model of the latest checkpoint in load_dir on one process, its config and its tokenizer.
 
-    The saved config is reused as it is, except for the layout: one process, no TP. The padded
-    vocabulary stays as saved (it depends on the training TP size) so the weights keep their shapes.
+    The saved config is reused except for the layout: one process, no TP, and the vocabulary padded
+    for TP 1 (checkpoints store the vocabulary rows without the training run's TP padding).
     """
     from megatron_lite.tokenizer import build_tokenizer
     from megatron_lite.training.checkpointing import (
@@ -225,6 +225,7 @@ def load_model_for_inference(
     cfg.world_size = 1
     cfg.data_parallel_size = 1
     cfg.sequence_parallel = False
+    cfg.padded_vocab_size = pad_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, 1)
     torch_device = torch.device(device)
     model = GPTModel(cfg, ParallelState(device=torch_device))
     load_model_weights(model, load_dir)

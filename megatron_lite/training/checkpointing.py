@@ -1,20 +1,18 @@
-"""Megatron-layout `torch_dist` checkpoints: DCP shards that load at any TP/DP size, written atomically.
+"""Megatron-layout `torch_dist` checkpoints: DCP shards that load at any TP/DP size, written atomically."""
 
-On disk (Megatron's layout)::
-
-    {dir}/latest_checkpointed_iteration.txt      the newest whole checkpoint's iteration
-    {dir}/iter_{it:07d}/__{rank}_0.distcp         torch.distributed.checkpoint shards, one file per rank
-    {dir}/iter_{it:07d}/.metadata                 DCP's index of the shards
-    {dir}/iter_{it:07d}/common.pt                 iteration, data position, scheduler, config, tensor layouts
-    {dir}/iter_{it:07d}/rng_state_{rank}.pt       each rank's RNG streams
-    {dir}/iter_{it:07d}/metadata.json             Megatron's backend description
-
-Every TP-sharded tensor is written as a DTensor sharded over the TP mesh, so DCP reshards it into any
-other TP size when it is read. Vocabulary-padded tensors (embedding, output layer) are stored in blocks
-of --make-vocab-size-divisible-by rows covering only the true vocabulary, which makes their stored
-shape the same at every TP size. A save goes to a temporary directory that is renamed into place, and
-only then does the latest pointer move, so a crash at any point leaves the previous checkpoint whole.
-"""
+# On disk (Megatron's layout):
+#   {dir}/latest_checkpointed_iteration.txt    the newest whole checkpoint's iteration
+#   {dir}/iter_{it:07d}/__{rank}_0.distcp       torch.distributed.checkpoint shards, one file per rank
+#   {dir}/iter_{it:07d}/.metadata               DCP's index of the shards
+#   {dir}/iter_{it:07d}/common.pt               iteration, data position, scheduler, config, tensor layouts
+#   {dir}/iter_{it:07d}/rng_state_{rank}.pt     each rank's RNG streams
+#   {dir}/iter_{it:07d}/metadata.json           Megatron's backend description
+#
+# Every TP-sharded tensor is written as a DTensor sharded over the TP mesh, so DCP reshards it into any
+# other TP size when it is read. Vocabulary-padded tensors (embedding, output layer) are stored in blocks
+# of --make-vocab-size-divisible-by rows covering only the true vocabulary, which makes their stored
+# shape the same at every TP size. A save goes to a temporary directory that is renamed into place, and
+# only then does the latest pointer move, so a crash at any point leaves the previous checkpoint whole.
 
 from __future__ import annotations
 

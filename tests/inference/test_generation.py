@@ -150,7 +150,10 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     filtered = filter_logits(logits, top_p=0.8)
     assert torch.equal(filtered[[1, 3, 4]], logits[[1, 3, 4]])
     # top-k first, then top-p on what is left (HuggingFace's order).
-    assert set(torch.isfinite(filter_logits(logits, top_k=2, top_p=0.9)).nonzero().flatten().tolist()) == {1, 3}
+    assert set(torch.isfinite(filter_logits(logits, top_k=2, top_p=0.9)).nonzero().flatten().tolist()) == {
+        1,
+        3,
+    }
     assert set(torch.isfinite(filter_logits(logits, top_k=3)).nonzero().flatten().tolist()) == {1, 3, 4}
 
 
@@ -191,18 +194,26 @@ def test_incremental_decoder_holds_back_partial_characters():
     # "€" is 3 bytes and "😀" 4: nothing is printed until each character is complete.
     assert pieces == ["a", "", "", "€", "b", "", "", "", "😀"]
     assert decoder.flush() == ""
-    # Invalid bytes are released after 4 tokens rather than held forever.
-    assert [decoder.push(t) for t in (0xFF, 0xFF, 0xFF, 0xFF)] == ["", "", "", "\ufffd" * 4]
+    # Invalid bytes: each one is final as soon as the next byte arrives; the last waits for flush.
+    assert [decoder.push(t) for t in (0xFF, 0xFF, 0xFF)] == ["", "\ufffd", "\ufffd"]
+    assert decoder.flush() == "\ufffd"
 
 
-def test_incremental_decoder_on_gpt2_bpe_pieces():
-    tokenizer = build_tokenizer("GPT2BPETokenizer")
-    text = "naïve café — 日本語 ok"
-    ids = tokenizer.encode(text)
+@pytest.mark.parametrize("name", ["ByteTokenizer", "GPT2BPETokenizer"])
+def test_incremental_decoder_output_equals_decoding_everything(name):
+    tokenizer = build_tokenizer(name)
+    generator = torch.Generator().manual_seed(0)
+    text = "naïve café — 日本語 😀 ok"
+    streams = [tokenizer.encode(text)]
+    # Random ids: byte soup with invalid and truncated UTF-8 sequences anywhere.
+    streams += [torch.randint(0, 256, (60,), generator=generator).tolist() for _ in range(30)]
+    for ids in streams:
+        decoder = IncrementalDecoder(tokenizer)
+        pieces = [decoder.push(t) for t in ids] + [decoder.flush()]
+        assert "".join(pieces) == tokenizer.decode(ids)
     decoder = IncrementalDecoder(tokenizer)
-    pieces = [decoder.push(t) for t in ids] + [decoder.flush()]
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)
+    pieces = [decoder.push(t) for t in streams[0]]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
 
 
 def _tp_generate(rank: int, world_size: int) -> tuple[list[int], list[int]]:

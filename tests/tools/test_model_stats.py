@@ -21,7 +21,14 @@ from megatron_lite.parallel_state import ParallelState
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 # HuggingFace's GPT-2 counting: vocab 50257 unpadded, context 1024, all biases, tied embeddings.
-HF_GPT2 = ["--vocab-size", "50257", "--make-vocab-size-divisible-by", "1", "--max-position-embeddings", "1024"]
+HF_GPT2 = [
+    "--vocab-size",
+    "50257",
+    "--make-vocab-size-divisible-by",
+    "1",
+    "--max-position-embeddings",
+    "1024",
+]
 UNTIED_NO_QKV_BIAS = ["--untie-embeddings-and-output-weights", "--disable-qkv-bias"]
 
 
@@ -106,7 +113,8 @@ def test_tp_layout_per_rank_and_distributed_optimizer():
     flags = shape(12, 768, 12) + ["--seq-length", "1024", "--vocab-size", "50257"]
     full, _ = build_sizing_config(flags)
     cfg, _ = build_sizing_config(
-        flags + ["--tensor-model-parallel-size", "2", "--data-parallel-size", "4", "--use-distributed-optimizer"]
+        flags
+        + ["--tensor-model-parallel-size", "2", "--data-parallel-size", "4", "--use-distributed-optimizer"]
     )
     assert (cfg.world_size, cfg.data_parallel_size, cfg.padded_vocab_size) == (8, 4, 50432)
     p = count_parameters(cfg)
@@ -145,12 +153,14 @@ def test_activations_follow_korthikanti():
     assert estimate_activations(cfg, b).per_layer == s * b * h * 34 / 2
     # Full uniform recompute, 1 layer per chunk: 12 layer inputs (2sbh each) + one layer live.
     cfg, _ = build_sizing_config(
-        flags + ["--attention-dropout", "0", "--recompute-granularity", "full", "--recompute-method", "uniform"]
+        flags
+        + ["--attention-dropout", "0", "--recompute-granularity", "full", "--recompute-method", "uniform"]
     )
     assert estimate_activations(cfg, b).layers == 12 * 2 * s * b * h + s * b * h * 34
     # fp32 activations and no dropout masks: 4 norm/linear inputs + 12 inside, 4 bytes each.
     cfg, _ = build_sizing_config(
-        shape(12, 768, 12) + ["--seq-length", "1024", "--vocab-size", "50257"]
+        shape(12, 768, 12)
+        + ["--seq-length", "1024", "--vocab-size", "50257"]
         + ["--attention-dropout", "0", "--hidden-dropout", "0"]
     )
     assert estimate_activations(cfg, b).per_layer == s * b * h * 4 * 16
@@ -159,7 +169,8 @@ def test_activations_follow_korthikanti():
 def test_sizing_rejects_inconsistent_layout():
     with pytest.raises(UserError, match="--world-size 6 does not equal --data-parallel-size 2 x"):
         build_sizing_config(
-            shape(2, 64, 4) + ["--seq-length", "8", "--tensor-model-parallel-size", "2"]
+            shape(2, 64, 4)
+            + ["--seq-length", "8", "--tensor-model-parallel-size", "2"]
             + ["--world-size", "6", "--data-parallel-size", "2"]
         )
 

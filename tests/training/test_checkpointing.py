@@ -401,3 +401,27 @@ def test_load_model_weights_and_read_full_tensors(tmp_path):
         states["fc2.weight.exp_avg_sq"], local_optimizer(optimizer).state[model.fc2.weight]["exp_avg_sq"]
     )
     assert states["fc2.weight.step"].item() == 3.0
+
+
+def test_gpt_model_round_trip_gives_the_same_loss(tmp_path):
+    from megatron_lite.core.models.gpt import GPTModel
+    from megatron_lite.training.lr_schedule import OptimizerParamScheduler
+    from megatron_lite.training.optimizer import build_optimizer
+
+    def gpt(seed: int):
+        cfg = make_cfg(hidden_size=32, num_attention_heads=4, seed=seed)
+        model = GPTModel(cfg)
+        optimizer = build_optimizer(model, cfg, ONE)
+        return cfg, model, optimizer, OptimizerParamScheduler.from_config(optimizer, cfg)
+
+    cfg, model, optimizer, scheduler = gpt(seed=1)
+    train_steps(model, optimizer, scheduler, cfg, ONE, range(2))
+    save(tmp_path, 2, cfg, model, optimizer, scheduler)
+    _, model2, optimizer2, scheduler2 = gpt(seed=2)
+    tokens = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    model2.eval()
+    assert not torch.equal(model(tokens, labels=tokens), model2(tokens, labels=tokens))
+    load_checkpoint(tmp_path, model2, optimizer2, scheduler2, cfg, None)
+    assert_same(snapshot(model2, optimizer2), snapshot(model, optimizer))
+    assert torch.equal(model2(tokens, labels=tokens), model(tokens, labels=tokens))

@@ -58,11 +58,43 @@ def save_tp2_dp2_then_reload_at_tp4(rank: int, world_size: int, root: str) -> di
     return out
 
 
+def gpt_cfg(tp: int = 1):
+    """A GPTModel with every sharded kind: untied output layer, SwiGLU (fc1 stride 2), GQA, RoPE."""
+    return make_cfg(
+        tp=tp,
+        hidden_size=64,
+        num_attention_heads=4,
+        group_query_attention=True,
+        num_query_groups=2,
+        swiglu=True,
+        untie_embeddings_and_output_weights=True,
+        position_embedding_type="rope",
+        normalization="RMSNorm",
+    )
+
+
+def build_gpt(cfg, pstate):
+    from megatron_lite.core.models.gpt import GPTModel
+    from megatron_lite.training.lr_schedule import OptimizerParamScheduler
+    from megatron_lite.training.optimizer import build_optimizer
+
+    model = GPTModel(cfg, pstate)
+    optimizer = build_optimizer(model, cfg, pstate)
+    return model, optimizer, OptimizerParamScheduler.from_config(optimizer, cfg)
+
+
 def load_at_tp2_then_zero_dp2(rank: int, world_size: int, root: str) -> dict:
-    """TP=2 x DP=1 loads "a" (TP=2 x DP=2) and "b" (TP=1); then TP=1 x DP=2 with ZeRO loads "a"."""
+    """A TP=2 GPTModel saves "g"; TP=2 x DP=1 loads "a" (TP=2 x DP=2) and "b" (TP=1); then TP=1 x DP=2
+    with ZeRO loads "a"."""
     out = {}
     pstate = initialize_parallel(2)
     cfg = make_cfg(tp=2, world_size=2)
+    model, optimizer, scheduler = build_gpt(gpt_cfg(tp=2), pstate)
+    train_steps(model, optimizer, scheduler, gpt_cfg(tp=2), pstate, range(2))
+    save_checkpoint(
+        Path(root) / "g", 2, model, optimizer, scheduler, gpt_cfg(tp=2), pstate, consumed_train_samples=2
+    )
+    out["gpt"] = snapshot(model, optimizer)
     for name in ("a", "b"):
         model, optimizer, scheduler = build(cfg, pstate, seed=SEED_AT_LOAD)
         progress = load_checkpoint(Path(root) / name, model, optimizer, scheduler, cfg, pstate)
@@ -243,3 +275,19 @@ def test_tp2_dp1_and_zero_dp2_load_checkpoints_of_other_layouts(layouts):
         assert_shards_equal(result["zero"], full, 0, 1, 384)
         assert_same_draws(result["zero_draws"], draws_after_reseed(SEED_AT_LOAD, 2, dp_rank, 0))
     assert not torch.equal(loaded[0]["zero_draws"]["torch"], loaded[1]["zero_draws"]["torch"])
+
+    # The real GPTModel saved at TP=2 loads at TP=1 with the same full weights and Adam states.
+    cfg = gpt_cfg()
+    model, optimizer, scheduler = build_gpt(cfg, ParallelState())
+    info = param_info(model)
+    names = sorted(info)
+    load_checkpoint(root / "g", model, optimizer, scheduler, cfg, None)
+    tp1 = snapshot(model, optimizer)
+    assert "output_layer.weight" in names and info["decoder.layers.0.mlp.linear_fc1.weight"] == (True, 0, 2)
+    for name in names:
+        full = to_full(name, [result["gpt"]["params"][name] for result in loaded], info[name])
+        assert torch.equal(tp1["params"][name][: full.shape[0]], full), name
+        for key, value in tp1["states"][name].items():
+            shards = [result["gpt"]["states"][name][key] for result in loaded]
+            full = to_full(name, shards, info[name]) if value.dim() else shards[0]
+            assert torch.equal(value[: full.shape[0]] if value.dim() else value, full), (name, key)
