@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,35 +55,47 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def tiktoken_ceiling(texts: list[str], text_bytes: int, repeats: int) -> tuple[float, float]:
-    """MB/s of tiktoken alone (one thread) on ~1 MB chunks of the same text: by wall clock and per CPU second."""
+def tiktoken_ceiling_run(chunks: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of tiktoken alone (one thread) encoding ~1 MB chunks."""
     enc = build_tokenizer("GPT2BPETokenizer")._enc
+    start, cpu = time.perf_counter(), cpu_seconds()
+    enc.encode_ordinary_batch(chunks, num_threads=1)
+    return time.perf_counter() - start, cpu_seconds() - cpu
+
+
+def preprocess_run(workdir: Path, workers: int) -> tuple[float, float]:
+    """Wall seconds of the whole pipeline (read, parse, tokenise, write) as the tool times itself, and CPU seconds."""
+    cpu = cpu_seconds()
+    stats = preprocess(
+        str(workdir / "*.jsonl"),
+        str(workdir / "out" / f"w{workers}"),
+        append_eod=True,
+        workers=workers,
+        log=io.StringIO(),
+    )
+    return stats.seconds, cpu_seconds() - cpu
+
+
+def throughputs(
+    workdir: Path, texts: list[str], text_bytes: int, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Best-of-`repeats` (wall MB/s, MB per CPU-second) for the ceiling and 1 and 2 workers.
+
+    The three are run in turn within each repeat, so that load from other processes hits them alike.
+    """
     joined = "\n".join(texts)
     chunks = [joined[i : i + (1 << 20)] for i in range(0, len(joined), 1 << 20)]
-    best_wall = best_cpu = float("inf")
+    runs: dict[str, Callable[[], tuple[float, float]]] = {
+        "ceiling": lambda: tiktoken_ceiling_run(chunks),
+        "1 worker": lambda: preprocess_run(workdir, 1),
+        "2 workers": lambda: preprocess_run(workdir, 2),
+    }
+    best = {name: (float("inf"), float("inf")) for name in runs}
     for _ in range(repeats):
-        start, cpu = time.perf_counter(), cpu_seconds()
-        enc.encode_ordinary_batch(chunks, num_threads=1)
-        best_wall = min(best_wall, time.perf_counter() - start)
-        best_cpu = min(best_cpu, cpu_seconds() - cpu)
-    return text_bytes / best_wall / 1e6, text_bytes / best_cpu / 1e6
-
-
-def preprocess_speed(workdir: Path, workers: int, text_bytes: int, repeats: int) -> tuple[float, float]:
-    """Text MB/s of the whole pipeline (read, parse, tokenise, write): by wall clock, and per CPU second."""
-    best_wall = best_cpu = float("inf")
-    for _ in range(repeats):
-        cpu = cpu_seconds()
-        stats = preprocess(
-            str(workdir / "*.jsonl"),
-            str(workdir / "out" / f"w{workers}"),
-            append_eod=True,
-            workers=workers,
-            log=io.StringIO(),
-        )
-        best_wall = min(best_wall, stats.seconds)
-        best_cpu = min(best_cpu, cpu_seconds() - cpu)
-    return text_bytes / best_wall / 1e6, text_bytes / best_cpu / 1e6
+        for name, run in runs.items():
+            wall, cpu = run()
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    return {name: (text_bytes / wall / 1e6, text_bytes / cpu / 1e6) for name, (wall, cpu) in best.items()}
 
 
 def peak_memory_mb(workdir: Path, copies: int) -> tuple[float, float]:
@@ -147,7 +160,7 @@ def index_build_seconds(workdir: Path, num_docs: int) -> tuple[int, float, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="take the best of this many runs")
+    parser.add_argument("--repeats", type=int, default=5, help="take the best of this many runs")
     parser.add_argument(
         "--memory-copies", type=int, default=5, help="corpus copies for the memory figure (0: skip)"
     )
@@ -159,9 +172,8 @@ def main() -> None:
         texts, text_bytes = decompress_corpora(workdir)
         print(f"corpus: {' + '.join(CORPORA)}, {len(texts)} documents, {text_bytes / 1e6:.2f} MB of text")
         print(f"cpus available: {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.2f}")
-        ceiling, ceiling_cpu = tiktoken_ceiling(texts, text_bytes, args.repeats)
-        one, one_cpu = preprocess_speed(workdir, 1, text_bytes, args.repeats)
-        two, two_cpu = preprocess_speed(workdir, 2, text_bytes, args.repeats)
+        speeds = throughputs(workdir, texts, text_bytes, args.repeats)
+        (ceiling, ceiling_cpu), (one, one_cpu), (two, two_cpu) = speeds.values()
         print("                                                       wall MB/s   MB per CPU-second")
         print(f"tiktoken ceiling (encode_ordinary_batch, ~1 MB chunks): {ceiling:8.2f}   {ceiling_cpu:8.2f}")
         print(f"preprocess --workers 1:                                 {one:8.2f}   {one_cpu:8.2f}")

@@ -6,8 +6,9 @@
 
 Every contender runs the same training step: forward with the loss, backward, gradient clipping at
 1.0 and AdamW with the same settings (fused, as build_optimizer picks on CPU and CUDA). Timed windows
-are interleaved (ours, plain, HF, ours, plain, HF, ...) so drifts in machine load hit all alike, and
-the median window is reported. FLOPs use Megatron's formula for every model (same shapes, same
+are interleaved (ours, plain, HF, then plain, HF, ours, ...) so drifts in machine load hit all alike,
+and the median window is reported (the best-window ratio too: on a shared machine it is the one least
+disturbed by other processes). FLOPs use Megatron's formula for every model (same shapes, same
 padded vocabulary), and MFU divides by the device peak of megatron_lite.training.flops.
 """
 
@@ -30,7 +31,11 @@ from benchmarks.plain_gpt import PlainGPT, PlainGPTConfig  # noqa: E402
 from megatron_lite.config import MegatronConfig  # noqa: E402
 from megatron_lite.core.models.gpt import GPTModel  # noqa: E402
 from megatron_lite.parallel_state import ParallelState  # noqa: E402
-from megatron_lite.training.flops import device_peak_flops, num_floating_point_operations  # noqa: E402
+from megatron_lite.training.flops import (  # noqa: E402
+    device_peak_flops,
+    measure_matmul_flops,
+    num_floating_point_operations,
+)
 from megatron_lite.training.grad_utils import clip_grad_norm  # noqa: E402
 from megatron_lite.training.optimizer import build_optimizer  # noqa: E402
 
@@ -139,9 +144,11 @@ def make_hf(
     cfg: MegatronConfig, device: torch.device, autocast_dtype: torch.dtype | None
 ) -> Contender | None:
     try:
+        import transformers
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         return None
+    transformers.logging.set_verbosity_error()
     hf_config = GPT2Config(
         vocab_size=cfg.padded_vocab_size,
         n_positions=cfg.max_position_embeddings,
@@ -151,6 +158,8 @@ def make_hf(
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     torch.manual_seed(cfg.seed)
     model = GPT2LMHeadModel(hf_config).to(device)
@@ -215,9 +224,15 @@ def run_dtype(args: argparse.Namespace, dtype_name: str, device: torch.device) -
 
     for contender in contenders:
         run(contender, args.warmup)
-    for _ in range(args.windows):
-        for contender in contenders:
+    for round_index in range(args.windows):
+        # Each round starts with the next contender, so none always runs right after the same one.
+        shift = round_index % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
             contender.window_seconds.append(run(contender, args.iters))
+        if args.peak_tflops is None and device.type == "cpu":
+            # The CPU peak is measured, and a shared machine's load varies: measure it again in every
+            # round, like one more contender, and keep the best rate seen during the run.
+            peak, peak_source = measure_matmul_flops(device, autocast_dtype or torch.float32, use_cache=False)
 
     print(
         f"\n{dtype_name}{' autocast' if autocast_dtype else ''}: peak {peak / 1e12:.3f} TFLOP/s ({peak_source})"
@@ -237,9 +252,14 @@ def run_dtype(args: argparse.Namespace, dtype_name: str, device: torch.device) -
             f"  {c.name:<22}{rates[c.name]:>10,.0f}{f'{lo:,.0f}..{hi:,.0f}':>18}{tflops:>10.3f}"
             f"{tflops * 1e12 / peak:>8.1%}{per_iter * 1e3:>10.1f}{c.last_loss:>8.3f}"
         )
-    ours = rates[contenders[0].name]
+    ours = contenders[0]
     for c in contenders[1:]:
-        print(f"  ours / {c.name}: {ours / rates[c.name]:.2f}x")
+        # The best window is the one least disturbed by other load on a shared machine.
+        best_ratio = min(c.window_seconds) / min(ours.window_seconds)
+        print(
+            f"  ours / {c.name}: {rates[ours.name] / rates[c.name]:.2f}x (median windows), "
+            f"{best_ratio:.2f}x (best windows)"
+        )
     if len(contenders) < 3:
         print("  HF GPT2LMHeadModel: skipped (transformers is not installed)")
 
@@ -254,7 +274,7 @@ def main() -> None:
         help="auto: fp32, and bf16 autocast where the device has fast bf16 matmuls (GPUs, CPUs with "
         "native bf16); a CPU without them runs bf16 10-20x slower than fp32 and would take many minutes.",
     )
-    parser.add_argument("--iters", type=int, default=2, help="Training steps per timed window.")
+    parser.add_argument("--iters", type=int, default=1, help="Training steps per timed window.")
     parser.add_argument("--windows", type=int, default=5, help="Timed windows per model (median reported).")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per model first.")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads.")

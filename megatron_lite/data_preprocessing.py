@@ -356,7 +356,7 @@ class ChunkEncoder:
         texts: list[list[str]] = [[] for _ in self.json_keys]
         documents = 0
         for i, raw in enumerate(chunk.data.split(b"\n")):
-            if not raw.strip():
+            if not raw or raw.isspace():
                 continue
             where = f"{chunk.path}:{chunk.first_line + i}"
             try:

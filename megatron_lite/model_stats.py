@@ -24,11 +24,14 @@ def build_sizing_parser() -> argparse.ArgumentParser:
         "Training and data flags may be left out."
     )
     group = parser.add_argument_group("sizing")
-    group.add_argument("--world-size", dest="sizing_world_size", type=int, help="Number of processes.")
+    group.add_argument(
+        "--world-size", dest="sizing_world_size", type=int, metavar="N", help="Number of processes."
+    )
     group.add_argument(
         "--data-parallel-size",
         dest="sizing_data_parallel_size",
         type=int,
+        metavar="N",
         help="Data-parallel size (world size = this x --tensor-model-parallel-size).",
     )
     group.add_argument(

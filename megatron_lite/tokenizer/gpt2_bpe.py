@@ -117,7 +117,8 @@ class GPT2BPETokenizer:
         return self._enc.encode_ordinary(text)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self._enc.decode([int(i) for i in ids])
+        # Ids of the model's padded vocabulary (>= 50257) have no text; skip them rather than fail.
+        return self._enc.decode([int(i) for i in ids if 0 <= int(i) < N_VOCAB])
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` of each text, computed as fast as `encode_flat`."""

@@ -132,17 +132,19 @@ _MEASURED: dict[tuple[str, torch.dtype, int, str], tuple[float, str]] = {}
 
 
 def measure_matmul_flops(
-    device: torch.device, dtype: torch.dtype, budget_s: float = 0.5
+    device: torch.device, dtype: torch.dtype, budget_s: float = 0.5, *, use_cache: bool = True
 ) -> tuple[float, str]:
-    """Best matmul FLOP/s over a few square sizes in `dtype`, timed for about `budget_s` in all; cached.
+    """Best matmul FLOP/s over a few square sizes in `dtype`, timed for about `budget_s` in all.
 
     F.linear is timed because it is what nn.Linear and the model's linear layers call, so the
     measurement follows the same kernel choice (MKL or oneDNN, the fp32 matmul precision setting).
+    The result is cached per (device, dtype, threads, fp32 precision); use_cache=False measures
+    again and keeps the better of the two (on a shared machine a later quiet moment may show more).
     """
     device = torch.device(device)
     threads = torch.get_num_threads()
     key = (str(device), dtype, threads, torch.get_float32_matmul_precision())
-    if key in _MEASURED:
+    if use_cache and key in _MEASURED:
         return _MEASURED[key]
     sizes = (512, 1024, 2048) if device.type == "cpu" else (4096, 8192)
     best = 0.0
@@ -167,6 +169,8 @@ def measure_matmul_flops(
         f"measured on {where}: {_dtype_name(dtype)} matmul, {threads} threads, "
         f"best at {best_size}^3: {best / 1e12:.3f} TFLOP/s"
     )
+    if key in _MEASURED and _MEASURED[key][0] >= best:
+        return _MEASURED[key]
     _MEASURED[key] = (best, text)
     return best, text
 

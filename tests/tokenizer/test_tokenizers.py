@@ -23,6 +23,7 @@ def test_gpt2_facts(gpt2):
     assert gpt2.encode("Hello, I am") == [15496, 11, 314, 716]
     assert gpt2.decode([15496, 11, 314, 716]) == "Hello, I am"
     assert gpt2.decode([50256]) == "<|endoftext|>"
+    assert gpt2.decode([15496, 50300, 11]) == "Hello,"  # padded-vocabulary ids have no text
 
 
 def test_gpt2_never_makes_eod_from_text(gpt2):

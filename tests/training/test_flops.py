@@ -122,3 +122,18 @@ def test_cpu_peak_is_measured_once_per_process(monkeypatch):
     assert first[1].startswith(f"measured on CPU: fp32 matmul, {torch.get_num_threads()} threads")
     second = device_peak_flops(torch.device("cpu"), torch.float32)
     assert second == first and len(calls) == n_calls  # cached: no more matmuls
+
+
+def test_remeasuring_keeps_the_best_rate(monkeypatch):
+    flops._MEASURED.clear()
+    seconds = iter([1.0] * 1000)  # every matmul "takes" 1 s: rate = 2 n^3 FLOP/s
+    monkeypatch.setattr(flops, "_timed_linear", lambda x, w: next(seconds))
+    slow = flops.measure_matmul_flops(torch.device("cpu"), torch.bfloat16, budget_s=0.0)
+    assert slow[0] == 2.0 * 512**3  # the budget stops after the first size's two timed runs
+    seconds = iter([0.5] * 1000)
+    fast = flops.measure_matmul_flops(torch.device("cpu"), torch.bfloat16, budget_s=0.0, use_cache=False)
+    assert fast[0] == 4.0 * 512**3 and "best at 512^3" in fast[1]
+    seconds = iter([2.0] * 1000)
+    again = flops.measure_matmul_flops(torch.device("cpu"), torch.bfloat16, budget_s=0.0, use_cache=False)
+    assert again == fast
+    assert device_peak_flops(torch.device("cpu"), torch.bfloat16) == fast

@@ -63,7 +63,9 @@ def test_out_of_range_target_is_finite_and_gets_no_onehot():
     assert torch.isfinite(loss[0, 0])
     torch.testing.assert_close(loss.flatten()[1:], ref_loss.flatten()[1:], atol=1e-6, rtol=0)
     torch.testing.assert_close(grad.flatten(0, 1)[1:], ref_grad.flatten(0, 1)[1:], atol=1e-6, rtol=0)
-    torch.testing.assert_close(grad[0, 0], torch.softmax(LOGITS[0, 0], -1) * UPSTREAM[0, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        grad[0, 0], torch.softmax(LOGITS[0, 0], -1) * UPSTREAM[0, 0], atol=1e-6, rtol=0
+    )
 
 
 def _ce_worker(rank, world_size):

@@ -22,10 +22,6 @@ from megatron_lite.core.tensor_parallel import (
 )
 
 
-def _tp_size(group: dist.ProcessGroup | None) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
 class DotProductAttention(nn.Module):
     """softmax(q k^T / sqrt(d) + mask) v for this rank's heads, with dropout on the probabilities.
 
@@ -100,22 +96,22 @@ class SelfAttention(nn.Module):
         self, cfg: MegatronConfig, layer_number: int, tp_group: dist.ProcessGroup | None = None
     ) -> None:
         super().__init__()
-        tp = _tp_size(tp_group)
         self.layer_number = layer_number
         self.head_dim = cfg.kv_channels
-        self.num_heads = cfg.num_attention_heads // tp
-        self.num_groups = cfg.num_query_groups // tp
         self.heads_per_group = cfg.num_attention_heads // cfg.num_query_groups
         self.recompute_core_attention = cfg.recompute_granularity == "selective"
-        qkv_size = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * self.head_dim
+        group_size = (self.heads_per_group + 2) * self.head_dim  # rows of one group: its q heads, k, v
         self.linear_qkv = ColumnParallelLinear(
             cfg.hidden_size,
-            qkv_size,
+            cfg.num_query_groups * group_size,
             init_method=init_method_normal(cfg.init_method_std),
             bias=cfg.qkv_bias,
             tp_group=tp_group,
             sequence_parallel=cfg.sequence_parallel,
         )
+        # This rank's share of the groups (and so of the heads) is whatever its QKV shard holds.
+        self.num_groups = self.linear_qkv.output_size_per_partition // group_size
+        self.num_heads = self.num_groups * self.heads_per_group
         self.core_attention = DotProductAttention(
             cfg.attention_dropout, self.num_heads, self.num_groups, self.head_dim
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -59,7 +61,9 @@ class TransformerBlock(nn.Module):
             return [(i, min(i + n, num_layers), True) for i in range(0, num_layers, n)]
         return [(i, i + 1, i < n) for i in range(num_layers)]
 
-    def _run_layers(self, start: int, end: int):
+    def _run_layers(self, start: int, end: int) -> Callable[..., torch.Tensor]:
+        """layers[start:end] as one function of tensors, the unit that checkpoint() recomputes."""
+
         def run(hidden, attention_mask, cos, sin):
             for layer in self.layers[start:end]:
                 hidden = layer(hidden, attention_mask, cos, sin)

@@ -116,9 +116,14 @@ def test_attention_dropout_path_applies_the_recorded_mask_to_the_same_probabilit
     kept = dropped != 0
     assert 0.3 < kept[probs > 0].float().mean() < 0.7
     causal = torch.ones(6, 6, dtype=torch.bool).tril()
-    torch.testing.assert_close(probs, torch.softmax(
-        (torch.einsum("qbhd,kbhd->bhqk", q, k.repeat_interleave(2, dim=2)) / 2).masked_fill(~causal, float("-inf")),
-        -1,
-    ))
+    torch.testing.assert_close(
+        probs,
+        torch.softmax(
+            (torch.einsum("qbhd,kbhd->bhqk", q, k.repeat_interleave(2, dim=2)) / 2).masked_fill(
+                ~causal, float("-inf")
+            ),
+            -1,
+        ),
+    )
     expected = torch.einsum("bhqk,kbhd->qbhd", probs * kept / 0.5, v.repeat_interleave(2, dim=2))
     torch.testing.assert_close(out, expected.reshape(6, 2, 16))

@@ -68,7 +68,11 @@ def test_every_parameter_carries_tensor_parallel_attributes():
     assert sharded == {
         "embedding.word_embeddings.weight",
         "output_layer.weight",
-        *(f"decoder.layers.{i}.self_attention.{n}.weight" for i in range(2) for n in ("linear_qkv", "linear_proj")),
+        *(
+            f"decoder.layers.{i}.self_attention.{n}.weight"
+            for i in range(2)
+            for n in ("linear_qkv", "linear_proj")
+        ),
         *(f"decoder.layers.{i}.mlp.{n}.weight" for i in range(2) for n in ("linear_fc1", "linear_fc2")),
     }
     dims = {n: (p.partition_dim, p.partition_stride) for n, p in model.named_parameters() if n in sharded}
@@ -184,7 +188,9 @@ def test_config_errors_are_clear():
         GPTModel(MegatronConfig(num_layers=1, hidden_size=8, num_attention_heads=2))
     cfg = make_config()
     cfg.tensor_model_parallel_size = 2
-    with pytest.raises(ValueError, match=r"--tensor-model-parallel-size 2 but the parallel state has a TP group of 1"):
+    with pytest.raises(
+        ValueError, match=r"--tensor-model-parallel-size 2 but the parallel state has a TP group of 1"
+    ):
         GPTModel(cfg, ParallelState())
 
 

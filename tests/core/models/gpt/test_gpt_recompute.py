@@ -47,7 +47,10 @@ def _run(style, **overrides):
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def runs(request):
-    return request.param, {"none": _run(request.param), **{m: _run(request.param, **o) for m, o in MODES.items()}}
+    return request.param, {
+        "none": _run(request.param),
+        **{m: _run(request.param, **o) for m, o in MODES.items()},
+    }
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,0 +1,199 @@
+"""GPT-2-style models (LayerNorm, learned positions, tanh-GELU, tied) <-> HuggingFace GPT2LMHeadModel."""
+
+from __future__ import annotations
+
+import re
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from megatron_lite.config import MegatronConfig
+from megatron_lite.convert.common import (
+    TensorSource,
+    dtype_field,
+    make_hf_config,
+    merge_qkv,
+    split_qkv,
+    zeros_like_bias,
+)
+from megatron_lite.errors import fail
+
+HF_ARCHITECTURE = "GPT2LMHeadModel"
+MODEL_TYPE = "gpt2"
+# HF activations that are GELU's tanh approximation, the only GELU megatron-lite's MLP computes.
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# Old GPT-2 checkpoints store each layer's causal mask as a buffer; it is not a weight.
+_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+
+# GPT-2's Conv1D layers store their weight as [in, out], the transpose of a Linear's [out, in].
+
+
+# ---- megatron-lite -> HF ------------------------------------------------------------------------------
+
+
+def check_exportable(cfg: MegatronConfig, transformers: ModuleType) -> None:
+    """UserError naming the first option a GPT2LMHeadModel cannot express."""
+    target = f"cannot export to {HF_ARCHITECTURE}"
+    if cfg.swiglu:
+        fail(f"{target}: --swiglu is set, but GPT-2's MLP is plain GELU")
+    if cfg.untie_embeddings_and_output_weights:
+        fail(
+            f"{target}: --untie-embeddings-and-output-weights is set, but GPT-2 always ties the output "
+            "layer to the word embeddings"
+        )
+    if cfg.num_query_groups != cfg.num_attention_heads:
+        fail(
+            f"{target}: --group-query-attention with --num-query-groups {cfg.num_query_groups} "
+            f"(of {cfg.num_attention_heads} heads) is set, but GPT-2 has no grouped-query attention"
+        )
+    if cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size:
+        fail(
+            f"{target}: --kv-channels {cfg.kv_channels} x --num-attention-heads {cfg.num_attention_heads} "
+            f"is not --hidden-size {cfg.hidden_size}, but GPT-2's heads always split the hidden size"
+        )
+
+
+def hf_config(
+    cfg: MegatronConfig, transformers: ModuleType, *, dtype: str, eos: int | None, extra: dict[str, Any]
+) -> Any:
+    """The transformers GPT2Config of this model."""
+    config_class = transformers.GPT2Config
+    return make_hf_config(
+        config_class,
+        architectures=[HF_ARCHITECTURE],
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_position_embeddings,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_attention_heads,
+        n_inner=cfg.ffn_hidden_size,
+        activation_function="gelu_new",
+        resid_pdrop=cfg.hidden_dropout,
+        embd_pdrop=cfg.hidden_dropout,
+        attn_pdrop=cfg.attention_dropout,
+        layer_norm_epsilon=cfg.norm_epsilon,
+        initializer_range=cfg.init_method_std,
+        scale_attn_weights=True,
+        tie_word_embeddings=True,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        **{dtype_field(config_class): dtype},
+        **extra,
+    )
+
+
+def weights_to_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Tensor]:
+    """Full megatron-lite tensors -> GPT2LMHeadModel's state dict (tied: no lm_head.weight)."""
+    h, ffn, heads, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.kv_channels
+
+    def bias(name: str, present: bool, size: int) -> torch.Tensor:
+        return src.take(name, (size,)) if present else zeros_like_bias(size)
+
+    out = {
+        "transformer.wte.weight": src.take("embedding.word_embeddings.weight", (cfg.vocab_size, h)),
+        "transformer.wpe.weight": src.take(
+            "embedding.position_embeddings.weight", (cfg.max_position_embeddings, h)
+        ),
+    }
+    for i in range(cfg.num_layers):
+        ours, hf = f"decoder.layers.{i}.", f"transformer.h.{i}."
+        out[hf + "ln_1.weight"] = src.take(ours + "input_layernorm.weight", (h,))
+        out[hf + "ln_1.bias"] = src.take(ours + "input_layernorm.bias", (h,))
+        qkv = src.take(ours + "self_attention.linear_qkv.weight", (3 * h, h))
+        out[hf + "attn.c_attn.weight"] = torch.cat(split_qkv(qkv, heads, heads, d)).t()
+        qkv_bias = bias(ours + "self_attention.linear_qkv.bias", cfg.qkv_bias, 3 * h)
+        out[hf + "attn.c_attn.bias"] = torch.cat(split_qkv(qkv_bias, heads, heads, d))
+        out[hf + "attn.c_proj.weight"] = src.take(ours + "self_attention.linear_proj.weight", (h, h)).t()
+        out[hf + "attn.c_proj.bias"] = bias(ours + "self_attention.linear_proj.bias", cfg.add_bias_linear, h)
+        out[hf + "ln_2.weight"] = src.take(ours + "pre_mlp_layernorm.weight", (h,))
+        out[hf + "ln_2.bias"] = src.take(ours + "pre_mlp_layernorm.bias", (h,))
+        out[hf + "mlp.c_fc.weight"] = src.take(ours + "mlp.linear_fc1.weight", (ffn, h)).t()
+        out[hf + "mlp.c_fc.bias"] = bias(ours + "mlp.linear_fc1.bias", cfg.add_bias_linear, ffn)
+        out[hf + "mlp.c_proj.weight"] = src.take(ours + "mlp.linear_fc2.weight", (h, ffn)).t()
+        out[hf + "mlp.c_proj.bias"] = bias(ours + "mlp.linear_fc2.bias", cfg.add_bias_linear, h)
+    out["transformer.ln_f.weight"] = src.take("decoder.final_layernorm.weight", (h,))
+    out["transformer.ln_f.bias"] = src.take("decoder.final_layernorm.bias", (h,))
+    return out
+
+
+# ---- HF -> megatron-lite ------------------------------------------------------------------------------
+
+
+def config_from_hf(hf: Any) -> dict[str, Any]:
+    """MegatronConfig model fields of a GPT2Config; UserError for what megatron-lite's model cannot compute."""
+    target = f"cannot import this {HF_ARCHITECTURE}"
+    activation = getattr(hf, "activation_function", "gelu_new")
+    if activation not in TANH_GELUS:
+        fail(
+            f"{target}: activation_function {activation!r} is not the tanh-approximated GELU "
+            f"({', '.join(TANH_GELUS)}) that megatron-lite's MLP computes"
+        )
+    if not getattr(hf, "scale_attn_weights", True) or getattr(hf, "scale_attn_by_inverse_layer_idx", False):
+        fail(
+            f"{target}: scale_attn_weights false or scale_attn_by_inverse_layer_idx true changes the "
+            "attention scale from 1/sqrt(head size), which megatron-lite always uses"
+        )
+    if getattr(hf, "add_cross_attention", False):
+        fail(f"{target}: add_cross_attention is true; megatron-lite models are decoder-only")
+    if hf.n_embd % hf.n_head != 0:
+        fail(f"{target}: n_embd {hf.n_embd} is not divisible by n_head {hf.n_head}")
+    return {
+        "num_layers": hf.n_layer,
+        "hidden_size": hf.n_embd,
+        "num_attention_heads": hf.n_head,
+        "ffn_hidden_size": hf.n_inner or 4 * hf.n_embd,
+        "max_position_embeddings": hf.n_positions,
+        "position_embedding_type": "learned_absolute",
+        "normalization": "LayerNorm",
+        "norm_epsilon": float(hf.layer_norm_epsilon),
+        "untie_embeddings_and_output_weights": not getattr(hf, "tie_word_embeddings", True),
+        "swiglu": False,
+        "disable_bias_linear": False,
+        "attention_dropout": float(hf.attn_pdrop),
+        "hidden_dropout": float(hf.resid_pdrop),
+        "init_method_std": float(hf.initializer_range),
+        "vocab_size": hf.vocab_size,
+    }
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel keys without "transformer." (GPT2Model files have none), mask buffers dropped."""
+    out = {}
+    for key, tensor in state.items():
+        name = key.removeprefix("transformer.")
+        if not _MASK_BUFFER.fullmatch(name):
+            out[name] = tensor
+    return out
+
+
+def weights_from_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Tensor]:
+    """A GPT-2 state dict (prefixes stripped) -> full megatron-lite tensors for cfg."""
+    h, ffn, heads, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.kv_channels
+    out = {
+        "embedding.word_embeddings.weight": src.take("wte.weight", (cfg.vocab_size, h)),
+        "embedding.position_embeddings.weight": src.take("wpe.weight", (cfg.max_position_embeddings, h)),
+    }
+    for i in range(cfg.num_layers):
+        ours, hf = f"decoder.layers.{i}.", f"h.{i}."
+        out[ours + "input_layernorm.weight"] = src.take(hf + "ln_1.weight", (h,))
+        out[ours + "input_layernorm.bias"] = src.take(hf + "ln_1.bias", (h,))
+        q, k, v = src.take(hf + "attn.c_attn.weight", (h, 3 * h)).t().split(h)
+        out[ours + "self_attention.linear_qkv.weight"] = merge_qkv(q, k, v, heads, heads, d)
+        q, k, v = src.take(hf + "attn.c_attn.bias", (3 * h,)).split(h)
+        out[ours + "self_attention.linear_qkv.bias"] = merge_qkv(q, k, v, heads, heads, d)
+        out[ours + "self_attention.linear_proj.weight"] = src.take(hf + "attn.c_proj.weight", (h, h)).t()
+        out[ours + "self_attention.linear_proj.bias"] = src.take(hf + "attn.c_proj.bias", (h,))
+        out[ours + "pre_mlp_layernorm.weight"] = src.take(hf + "ln_2.weight", (h,))
+        out[ours + "pre_mlp_layernorm.bias"] = src.take(hf + "ln_2.bias", (h,))
+        out[ours + "mlp.linear_fc1.weight"] = src.take(hf + "mlp.c_fc.weight", (h, ffn)).t()
+        out[ours + "mlp.linear_fc1.bias"] = src.take(hf + "mlp.c_fc.bias", (ffn,))
+        out[ours + "mlp.linear_fc2.weight"] = src.take(hf + "mlp.c_proj.weight", (ffn, h)).t()
+        out[ours + "mlp.linear_fc2.bias"] = src.take(hf + "mlp.c_proj.bias", (h,))
+    out["decoder.final_layernorm.weight"] = src.take("ln_f.weight", (h,))
+    out["decoder.final_layernorm.bias"] = src.take("ln_f.bias", (h,))
+    if cfg.untie_embeddings_and_output_weights:
+        out["output_layer.weight"] = src.take("lm_head.weight", (cfg.vocab_size, h))
+    elif src.has("lm_head.weight"):
+        src.take("lm_head.weight")  # tied: HF itself replaces it by wte.weight on load
+    return out

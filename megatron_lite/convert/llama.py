@@ -1,0 +1,256 @@
+"""LLaMA-style models (RMSNorm, RoPE, SwiGLU, GQA) <-> HuggingFace LlamaForCausalLM."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from megatron_lite.config import MegatronConfig
+from megatron_lite.convert.common import (
+    TensorSource,
+    config_accepts,
+    dtype_field,
+    make_hf_config,
+    merge_qkv,
+    split_qkv,
+    zeros_like_bias,
+)
+from megatron_lite.errors import fail
+
+HF_ARCHITECTURE = "LlamaForCausalLM"
+MODEL_TYPE = "llama"
+
+# RoPE: megatron-lite rotates each head's [first half, second half] channel pairs (rotate-half, not
+# interleaved) with inv_freq = base^(-2i/d), exactly as HF Llama's rotate_half does, so q and k rows
+# need no permutation in either direction. (Meta's original checkpoints are interleaved; HF's own
+# converter permutes those, which is why HF-format weights are already in rotate-half order.)
+
+
+# ---- megatron-lite -> HF ------------------------------------------------------------------------------
+
+
+def check_exportable(cfg: MegatronConfig, transformers: ModuleType) -> None:
+    """UserError naming the first option a LlamaForCausalLM (in this transformers version) cannot express."""
+    target = f"cannot export to {HF_ARCHITECTURE}"
+    config_class = transformers.LlamaConfig
+    if not cfg.swiglu:
+        fail(f"{target}: --swiglu is off, but Llama's MLP is always gated SiLU (SwiGLU)")
+    if cfg.rotary_percent != 1.0:
+        fail(
+            f"{target}: --rotary-percent {cfg.rotary_percent} rotates part of each head, but Llama "
+            "rotates all of it (--rotary-percent 1.0)"
+        )
+    if cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size and not config_accepts(
+        config_class, "head_dim"
+    ):
+        fail(
+            f"{target}: --kv-channels {cfg.kv_channels} differs from --hidden-size / --num-attention-heads "
+            "and this transformers version's LlamaConfig has no head_dim; upgrade transformers"
+        )
+    if cfg.add_bias_linear and not config_accepts(config_class, "mlp_bias"):
+        fail(
+            f"{target}: the model has linear biases (no --disable-bias-linear) and this transformers "
+            "version's LlamaConfig has no mlp_bias; upgrade transformers (>= 4.41)"
+        )
+
+
+def hf_config(
+    cfg: MegatronConfig, transformers: ModuleType, *, dtype: str, eos: int | None, extra: dict[str, Any]
+) -> Any:
+    """The transformers LlamaConfig of this model."""
+    config_class = transformers.LlamaConfig
+    values: dict[str, Any] = {
+        "architectures": [HF_ARCHITECTURE],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.init_method_std,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "tie_word_embeddings": not cfg.untie_embeddings_and_output_weights,
+        # Llama has one switch for the q/k/v/o biases: any of them on exports all four (zeros where absent).
+        "attention_bias": cfg.qkv_bias or cfg.add_bias_linear,
+        "attention_dropout": cfg.attention_dropout,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "pad_token_id": None,
+        dtype_field(config_class): dtype,
+        **extra,
+    }
+    if config_accepts(config_class, "head_dim"):
+        values["head_dim"] = cfg.kv_channels
+    if config_accepts(config_class, "mlp_bias"):
+        values["mlp_bias"] = cfg.add_bias_linear
+    if config_accepts(config_class, "rope_parameters"):
+        values["rope_parameters"] = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
+    else:
+        values["rope_theta"] = float(cfg.rotary_base)
+    return make_hf_config(config_class, **values)
+
+
+def weights_to_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Tensor]:
+    """Full megatron-lite tensors -> LlamaForCausalLM's state dict (no lm_head.weight when tied)."""
+    h, ffn, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+    attention_bias, mlp_bias = cfg.qkv_bias or cfg.add_bias_linear, cfg.add_bias_linear
+
+    def bias(name: str, present: bool, size: int) -> torch.Tensor:
+        return src.take(name, (size,)) if present else zeros_like_bias(size)
+
+    out = {"model.embed_tokens.weight": src.take("embedding.word_embeddings.weight", (cfg.vocab_size, h))}
+    for i in range(cfg.num_layers):
+        ours, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
+        out[hf + "input_layernorm.weight"] = src.take(ours + "input_layernorm.weight", (h,))
+        qkv = src.take(ours + "self_attention.linear_qkv.weight", ((heads + 2 * groups) * d, h))
+        q, k, v = split_qkv(qkv, heads, groups, d)
+        out[hf + "self_attn.q_proj.weight"] = q
+        out[hf + "self_attn.k_proj.weight"] = k
+        out[hf + "self_attn.v_proj.weight"] = v
+        out[hf + "self_attn.o_proj.weight"] = src.take(
+            ours + "self_attention.linear_proj.weight", (h, heads * d)
+        )
+        if attention_bias:
+            qkv_bias = bias(ours + "self_attention.linear_qkv.bias", cfg.qkv_bias, (heads + 2 * groups) * d)
+            q, k, v = split_qkv(qkv_bias, heads, groups, d)
+            out[hf + "self_attn.q_proj.bias"] = q
+            out[hf + "self_attn.k_proj.bias"] = k
+            out[hf + "self_attn.v_proj.bias"] = v
+            out[hf + "self_attn.o_proj.bias"] = bias(
+                ours + "self_attention.linear_proj.bias", cfg.add_bias_linear, h
+            )
+        out[hf + "post_attention_layernorm.weight"] = src.take(ours + "pre_mlp_layernorm.weight", (h,))
+        # fc1's rows are [gate; up] (see MLP); Llama keeps them as two matrices.
+        gate, up = src.take(ours + "mlp.linear_fc1.weight", (2 * ffn, h)).chunk(2)
+        out[hf + "mlp.gate_proj.weight"] = gate
+        out[hf + "mlp.up_proj.weight"] = up
+        out[hf + "mlp.down_proj.weight"] = src.take(ours + "mlp.linear_fc2.weight", (h, ffn))
+        if mlp_bias:
+            gate, up = src.take(ours + "mlp.linear_fc1.bias", (2 * ffn,)).chunk(2)
+            out[hf + "mlp.gate_proj.bias"] = gate
+            out[hf + "mlp.up_proj.bias"] = up
+            out[hf + "mlp.down_proj.bias"] = src.take(ours + "mlp.linear_fc2.bias", (h,))
+    out["model.norm.weight"] = src.take("decoder.final_layernorm.weight", (h,))
+    if cfg.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = src.take("output_layer.weight", (cfg.vocab_size, h))
+    return out
+
+
+# ---- HF -> megatron-lite ------------------------------------------------------------------------------
+
+
+def config_from_hf(hf: Any) -> dict[str, Any]:
+    """MegatronConfig model fields of a LlamaConfig; UserError for what megatron-lite's model cannot compute."""
+    target = f"cannot import this {HF_ARCHITECTURE}"
+    if hf.hidden_act != "silu":
+        fail(f"{target}: hidden_act {hf.hidden_act!r} is not 'silu', the SwiGLU gate megatron-lite computes")
+    theta, rope_type, partial = _rope_settings(hf)
+    if rope_type != "default":
+        fail(
+            f"{target}: rope scaling {rope_type!r} (rope_parameters/rope_scaling) is not supported; "
+            "megatron-lite implements plain RoPE only"
+        )
+    if partial != 1.0:
+        fail(f"{target}: partial_rotary_factor {partial} is not supported; megatron-lite rotates whole heads")
+    if theta != int(theta):
+        fail(f"{target}: rope_theta {theta} is not a whole number, which --rotary-base must be")
+    heads = hf.num_attention_heads
+    groups = getattr(hf, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    attention_bias = bool(getattr(hf, "attention_bias", False))
+    mlp_bias = bool(getattr(hf, "mlp_bias", False))
+    return {
+        "num_layers": hf.num_hidden_layers,
+        "hidden_size": hf.hidden_size,
+        "num_attention_heads": heads,
+        "group_query_attention": groups != heads,
+        "num_query_groups": groups,
+        "kv_channels": head_dim,
+        "ffn_hidden_size": hf.intermediate_size,
+        "max_position_embeddings": hf.max_position_embeddings,
+        "position_embedding_type": "rope",
+        "rotary_base": int(theta),
+        "rotary_percent": 1.0,
+        "normalization": "RMSNorm",
+        "norm_epsilon": float(hf.rms_norm_eps),
+        "swiglu": True,
+        "untie_embeddings_and_output_weights": not getattr(hf, "tie_word_embeddings", False),
+        # Megatron's switches: linear biases (proj, fc1, fc2, and qkv unless --disable-qkv-bias) and a
+        # separate QKV bias. A Llama o_proj bias without MLP biases has no place: it must be zero.
+        "disable_bias_linear": not mlp_bias,
+        "add_qkv_bias": attention_bias and not mlp_bias,
+        "disable_qkv_bias": mlp_bias and not attention_bias,
+        "attention_dropout": float(getattr(hf, "attention_dropout", 0.0) or 0.0),
+        "hidden_dropout": 0.0,
+        "init_method_std": float(hf.initializer_range),
+        "vocab_size": hf.vocab_size,
+    }
+
+
+def _rope_settings(hf: Any) -> tuple[float, str, float]:
+    """(theta, rope type, partial rotary factor) from a transformers 5 rope_parameters dict or 4.x fields."""
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
+    return float(theta), str(rope_type), float(partial if partial is not None else 1.0)
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM keys without "model." (LlamaModel files have none); old inv_freq buffers dropped."""
+    return {
+        key.removeprefix("model."): tensor
+        for key, tensor in state.items()
+        if not key.endswith("rotary_emb.inv_freq")
+    }
+
+
+def weights_from_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Tensor]:
+    """A Llama state dict (prefixes stripped) -> full megatron-lite tensors for cfg."""
+    h, ffn, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+
+    def bias_or_zeros(name: str, size: int) -> torch.Tensor:
+        # Megatron's switches cannot always leave out exactly the biases Llama leaves out; a bias it
+        # has and Llama lacks is zero, the same function.
+        return src.take(name, (size,)) if src.has(name) else zeros_like_bias(size)
+
+    out = {"embedding.word_embeddings.weight": src.take("embed_tokens.weight", (cfg.vocab_size, h))}
+    for i in range(cfg.num_layers):
+        ours, hf = f"decoder.layers.{i}.", f"layers.{i}."
+        out[ours + "input_layernorm.weight"] = src.take(hf + "input_layernorm.weight", (h,))
+        q = src.take(hf + "self_attn.q_proj.weight", (heads * d, h))
+        k = src.take(hf + "self_attn.k_proj.weight", (groups * d, h))
+        v = src.take(hf + "self_attn.v_proj.weight", (groups * d, h))
+        out[ours + "self_attention.linear_qkv.weight"] = merge_qkv(q, k, v, heads, groups, d)
+        if cfg.qkv_bias:
+            q = src.take(hf + "self_attn.q_proj.bias", (heads * d,))
+            k = src.take(hf + "self_attn.k_proj.bias", (groups * d,))
+            v = src.take(hf + "self_attn.v_proj.bias", (groups * d,))
+            out[ours + "self_attention.linear_qkv.bias"] = merge_qkv(q, k, v, heads, groups, d)
+        out[ours + "self_attention.linear_proj.weight"] = src.take(
+            hf + "self_attn.o_proj.weight", (h, heads * d)
+        )
+        if cfg.add_bias_linear:
+            out[ours + "self_attention.linear_proj.bias"] = bias_or_zeros(hf + "self_attn.o_proj.bias", h)
+        out[ours + "pre_mlp_layernorm.weight"] = src.take(hf + "post_attention_layernorm.weight", (h,))
+        gate = src.take(hf + "mlp.gate_proj.weight", (ffn, h))
+        up = src.take(hf + "mlp.up_proj.weight", (ffn, h))
+        out[ours + "mlp.linear_fc1.weight"] = torch.cat((gate, up))
+        out[ours + "mlp.linear_fc2.weight"] = src.take(hf + "mlp.down_proj.weight", (h, ffn))
+        if cfg.add_bias_linear:
+            gate = src.take(hf + "mlp.gate_proj.bias", (ffn,))
+            up = src.take(hf + "mlp.up_proj.bias", (ffn,))
+            out[ours + "mlp.linear_fc1.bias"] = torch.cat((gate, up))
+            out[ours + "mlp.linear_fc2.bias"] = src.take(hf + "mlp.down_proj.bias", (h,))
+    out["decoder.final_layernorm.weight"] = src.take("norm.weight", (h,))
+    if cfg.untie_embeddings_and_output_weights:
+        out["output_layer.weight"] = src.take("lm_head.weight", (cfg.vocab_size, h))
+    elif src.has("lm_head.weight"):
+        src.take("lm_head.weight")  # tied: HF itself replaces it by embed_tokens.weight on load
+    return out
