@@ -1,6 +1,6 @@
 """Training throughput and MFU of our GPTModel against a plain PyTorch GPT (and HF GPT-2) in the same run.
 
-    python benchmarks/bench_train.py                      # cpu-small, fp32 and bf16 autocast
+    python benchmarks/bench_train.py                      # cpu-small; fp32, and bf16 where it is fast
     python benchmarks/bench_train.py --dtype fp32 --windows 7 --iters 3
     python benchmarks/bench_train.py --config gpt2-124m --device cuda
 
@@ -291,7 +291,7 @@ def main() -> None:
         f"bench_train: {args.config} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"{cfg.num_attention_heads} heads, seq {cfg.seq_length}, micro batch {cfg.micro_batch_size}, "
         f"vocab {cfg.vocab_size} padded to {cfg.padded_vocab_size}, dropout 0); device {device}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"{torch.get_num_threads()} thread(s), torch {torch.__version__}"
     )
     print(
         f"  {num_floating_point_operations(cfg, cfg.micro_batch_size) / 1e9:.1f} GFLOP per iteration "

@@ -308,8 +308,13 @@ def _derive_model(cfg: MegatronConfig) -> None:
             f"--seq-length {cfg.seq_length} is larger than --max-position-embeddings "
             f"{cfg.max_position_embeddings}; raise --max-position-embeddings or shorten --seq-length"
         )
-    if cfg.position_embedding_type == "rope" and cfg.kv_channels % 2 != 0:
-        fail(f"--position-embedding-type rope needs an even head size, got {cfg.kv_channels}")
+    if cfg.position_embedding_type == "rope":
+        rotary_dim = int(cfg.kv_channels * cfg.rotary_percent)
+        if rotary_dim <= 0 or rotary_dim % 2 != 0:
+            fail(
+                f"--rotary-percent {cfg.rotary_percent} of head size {cfg.kv_channels} rotates {rotary_dim} "
+                "dimensions; RoPE needs a positive even number"
+            )
     for name in ("attention_dropout", "hidden_dropout"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             fail(f"{_flag(name)} must be in [0, 1), got {getattr(cfg, name)}")

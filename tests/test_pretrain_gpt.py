@@ -139,7 +139,7 @@ def test_megatron_seed_command_runs(tmp_path):
         "--tensor-model-parallel-size 1 --num-layers 12 --hidden-size 768 --num-attention-heads 12 "
         "--seq-length 1024 --max-position-embeddings 1024"
     ).split()
-    data = "--mock-data --tokenizer-type GPT2BPETokenizer --micro-batch-size 1 --lr 1e-4 --train-iters 1 --eval-iters 0 --log-interval 1 --bf16 --num-workers 0 --peak-tflops 1".split()
+    data = "--mock-data --tokenizer-type GPT2BPETokenizer --micro-batch-size 1 --lr 1e-4 --train-iters 1 --eval-iters 0 --log-interval 1 --num-workers 0 --peak-tflops 1".split()
     proc = run(seed + data, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     (line,) = parse_lines(proc.stdout)

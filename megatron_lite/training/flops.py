@@ -166,7 +166,7 @@ def measure_matmul_flops(
             reps += 1
     where = "CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
     text = (
-        f"measured on {where}: {_dtype_name(dtype)} matmul, {threads} threads, "
+        f"measured on {where}: {_dtype_name(dtype)} matmul, {threads} thread{'s' if threads != 1 else ''}, "
         f"best at {best_size}^3: {best / 1e12:.3f} TFLOP/s"
     )
     if key in _MEASURED and _MEASURED[key][0] >= best:

@@ -119,7 +119,10 @@ def test_cpu_peak_is_measured_once_per_process(monkeypatch):
     first = device_peak_flops(torch.device("cpu"), torch.float32)
     n_calls = len(calls)
     assert n_calls >= 2 and first[0] > 0
-    assert first[1].startswith(f"measured on CPU: fp32 matmul, {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    assert first[1].startswith(
+        f"measured on CPU: fp32 matmul, {threads} thread{'s' if threads > 1 else ''}, "
+    )
     second = device_peak_flops(torch.device("cpu"), torch.float32)
     assert second == first and len(calls) == n_calls  # cached: no more matmuls
 

@@ -97,8 +97,8 @@ class GPTModel(nn.Module):
         """tokens [b, s] -> per-token loss [b, s] fp32 if labels are given, else logits [b, s, V_pad/tp].
 
         attention_mask [b, 1, s, s] bool, True = masked (combined with the causal mask). With kv_cache,
-        the tokens continue the cached ones: positions start at kv_cache.length, and logits (or loss)
-        cover the new tokens only.
+        the tokens continue the cached ones: positions start at kv_cache.length, a mask (rarely needed)
+        is [b, 1, s, cached + s], and logits (or loss) cover the new tokens only.
         """
         b, s = tokens.shape
         offset = 0

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from gpt_helpers import LLAMA_STYLE, batch, make_config
+from gpt_helpers import LLAMA_STYLE, batch, make_config, saved_bytes_for_backward
 
 import megatron_lite.core.models.gpt.attention as attention_module
 from megatron_lite.core.models.gpt import GPTModel
@@ -18,25 +18,11 @@ MODES = {
 
 
 def _saved_bytes_and_grads(model, tokens, labels):
-    """Bytes of distinct non-parameter storages autograd keeps for backward, then the gradients.
-
-    Every tensor an autograd node (including checkpoint's kept inputs) saves passes the pack hook;
-    counting each storage once gives exactly the activation memory held between forward and backward.
-    """
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
+    """Activation bytes kept for backward (see saved_bytes_for_backward), then the gradients."""
     torch.manual_seed(99)  # the default generator drives hidden dropout: same masks in every run
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(tokens, labels=labels).mean()
+    saved, loss = saved_bytes_for_backward(model, tokens, labels)
     loss.backward()
-    return sum(storages.values()), {n: p.grad for n, p in model.named_parameters()}
+    return saved, {n: p.grad for n, p in model.named_parameters()}
 
 
 def _run(style, **overrides):

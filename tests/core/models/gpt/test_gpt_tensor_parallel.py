@@ -3,7 +3,7 @@
 import pytest
 import torch
 from dist_utils import run_distributed
-from gpt_helpers import LLAMA_STYLE, batch, full_state, make_config
+from gpt_helpers import LLAMA_STYLE, batch, full_state, make_config, saved_bytes_for_backward
 
 from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.core.tensor_parallel import Dropout, gather_from_tensor_model_parallel_region
@@ -41,22 +41,6 @@ def _run(model, cfg, group):
     }
 
 
-def _saved_bytes(model, cfg):
-    """Bytes of distinct non-parameter storages autograd keeps between forward and backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    tokens, labels = batch(cfg)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, labels=labels).mean().backward()
-    return sum(storages.values())
-
-
 def _parity_worker(rank, world_size):
     pstate = initialize_parallel(2, device="cpu")
     results = {}
@@ -64,9 +48,23 @@ def _parity_worker(rank, world_size):
         cfg = make_config(world_size=2, tensor_model_parallel_size=2, **overrides)
         results[name] = _run(GPTModel(cfg, pstate), cfg, pstate.tp_group)
         results[name]["padded_vocab_size"] = cfg.padded_vocab_size
+    cfg = make_config(world_size=2, tensor_model_parallel_size=2, **LLAMA_STYLE)
+    model = GPTModel(cfg, pstate).eval()
+    tokens, _ = batch(cfg)
+    with torch.no_grad():
+        cache = model.init_kv_cache(2, cfg.seq_length)
+        steps = [model(tokens[:, :6], kv_cache=cache)]
+        steps += [model(tokens[:, t : t + 1], kv_cache=cache) for t in range(6, cfg.seq_length)]
+        results["kv_cache_logits"] = gather_from_tensor_model_parallel_region(
+            torch.cat(steps, 1), pstate.tp_group
+        )
+    results["dropout"] = _dropout_runs(pstate)
     for sequence_parallel in (False, True):
         cfg = make_config(world_size=2, tensor_model_parallel_size=2, sequence_parallel=sequence_parallel)
-        results["saved_bytes", sequence_parallel] = _saved_bytes(GPTModel(cfg, pstate), cfg)
+        model = GPTModel(cfg, pstate)
+        tokens, labels = batch(cfg)
+        results["saved_bytes", sequence_parallel], loss = saved_bytes_for_backward(model, tokens, labels)
+        loss.backward()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             results["bf16", sequence_parallel] = _run(GPTModel(cfg, pstate), cfg, pstate.tp_group)
     return results
@@ -74,6 +72,7 @@ def _parity_worker(rank, world_size):
 
 @pytest.fixture(scope="module")
 def parity():
+    """Everything the TP=2 tests need, from one pair of processes (spawning costs seconds)."""
     return run_distributed(_parity_worker, 2)
 
 
@@ -84,7 +83,7 @@ def test_tp2_equals_tp1(parity, case):
     vocab = cfg.vocab_size
     for rank, got in enumerate(parity):
         got = got[case]
-        assert got["padded_vocab_size"] > vocab or case.endswith("128")
+        assert got["padded_vocab_size"] == (512 if case.endswith("128") else 258)
         assert got["weights"].keys() == expected["weights"].keys()
         for name, weight in expected["weights"].items():
             tp2 = got["weights"][name]
@@ -102,6 +101,15 @@ def test_tp2_equals_tp1(parity, case):
         torch.testing.assert_close(
             got["logits"][..., :vocab], expected["logits"][..., :vocab], atol=1e-5, rtol=0
         )
+
+
+def test_kv_cache_decoding_at_tp2_matches_tp1_full_forward(parity):
+    cfg = make_config(**LLAMA_STYLE)
+    tokens, _ = batch(cfg)
+    with torch.no_grad():
+        expected = GPTModel(cfg).eval()(tokens)
+    for got in parity:
+        torch.testing.assert_close(got["kv_cache_logits"][..., : cfg.vocab_size], expected, atol=1e-5, rtol=0)
 
 
 def test_sequence_parallel_keeps_fewer_activation_bytes(parity):
@@ -145,8 +153,7 @@ def _dropout_masks(model):
     return masks
 
 
-def _dropout_worker(rank, world_size):
-    pstate = initialize_parallel(2, device="cpu")
+def _dropout_runs(pstate):
     results = {}
     for sequence_parallel in (False, True):
         cfg = make_config(
@@ -168,8 +175,8 @@ def _dropout_worker(rank, world_size):
 
 
 @pytest.fixture(scope="module")
-def dropout():
-    return run_distributed(_dropout_worker, 2)
+def dropout(parity):
+    return [rank["dropout"] for rank in parity]
 
 
 def test_dropout_is_deterministic_for_a_seed(dropout):
