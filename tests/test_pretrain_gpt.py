@@ -134,13 +134,38 @@ def test_torchrun_dp2_logs_once_from_the_last_rank(tmp_path):
 
 @pytest.mark.slow
 def test_megatron_seed_command_runs(tmp_path):
-    # The seed command of Megatron's docs (GPT-2 124M shape, seq 1024), with the data flags it leaves out.
+    # The seed command of Megatron's docs (GPT-2 124M shape, seq 1024) as written, on the bundled Milton
+    # corpus preprocessed to my_data_text_document, with the training flags the command leaves to "...".
+    prep = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "preprocess_data.py"),
+            "--input",
+            str(ROOT / "data" / "milton.jsonl.gz"),
+            "--output-prefix",
+            "my_data",
+            "--tokenizer-type",
+            "GPT2BPETokenizer",
+            "--append-eod",
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert prep.returncode == 0, prep.stderr
     seed = (
         "--tensor-model-parallel-size 1 --num-layers 12 --hidden-size 768 --num-attention-heads 12 "
-        "--seq-length 1024 --max-position-embeddings 1024"
+        "--seq-length 1024 --max-position-embeddings 1024 --data-path my_data_text_document"
     ).split()
-    data = "--mock-data --tokenizer-type GPT2BPETokenizer --micro-batch-size 1 --lr 1e-4 --train-iters 1 --eval-iters 0 --log-interval 1 --num-workers 0 --peak-tflops 1".split()
-    proc = run(seed + data, tmp_path, timeout=600)
+    rest = (
+        "--tokenizer-type GPT2BPETokenizer --micro-batch-size 1 --lr 1e-4 --train-iters 1 --eval-iters 0 "
+        "--log-interval 1 --num-workers 0 --peak-tflops 1"
+    ).split()
+    proc = run(seed + rest, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     (line,) = parse_lines(proc.stdout)
     assert 10.0 < float(line["loss"]) < 11.7  # ln(50257) = 10.82 at init

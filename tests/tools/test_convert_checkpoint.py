@@ -15,7 +15,6 @@ from dist_utils import run_distributed
 from training.megatron_log import parse_lines
 
 from megatron_lite.arguments import parse_config
-from megatron_lite.config import MegatronConfig
 from megatron_lite.convert import export_to_hf, import_from_hf
 from megatron_lite.convert.cli import convert_main
 from megatron_lite.convert.common import config_accepts, require_hf
@@ -50,7 +49,8 @@ MODELS = {
 COMMON = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --init-method-std 0.2 "
     "--mock-data --micro-batch-size 2 --global-batch-size 4 --train-iters 3 --lr 1e-2 --num-workers 0 "
-    "--eval-iters 0 --log-interval 10 --peak-tflops 1 --tensor-model-parallel-size 2 --save-interval 2"
+    "--eval-iters 0 --log-interval 10 --peak-tflops 1 --tensor-model-parallel-size 2 --save-interval 2 "
+    "--no-save-optim"
 )
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
@@ -67,9 +67,7 @@ def _train_both(rank: int, world_size: int, root: str) -> list[float]:
 def trained(tmp_path_factory) -> Path:
     """Checkpoints of both styles trained 3 iterations by 2 real TP ranks (saved at iterations 2 and 3)."""
     root = tmp_path_factory.mktemp("trained")
-    import time; t0 = time.time()
     per_rank = run_distributed(_train_both, 2, str(root))
-    print("TRAIN", time.time() - t0)
     assert [len(losses) for losses in per_rank] == [6, 6]  # both models trained 3 iterations on both ranks
     return root
 
@@ -252,24 +250,38 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+IMPORTED_FLAGS = {
+    "gpt2": (
+        "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --kv-channels 8 --ffn-hidden-size 128 "
+        "--max-position-embeddings 64 --position-embedding-type learned_absolute --normalization LayerNorm "
+        "--norm-epsilon 1e-05 --attention-dropout 0.1 --hidden-dropout 0.1 --vocab-size 300"
+    ),
+    "llama": (
+        "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "
+        "--kv-channels 8 --ffn-hidden-size 48 --max-position-embeddings 64 --position-embedding-type rope "
+        "--rotary-base 20000 --normalization RMSNorm --norm-epsilon 1e-06 --swiglu --disable-bias-linear "
+        "--attention-dropout 0.0 --hidden-dropout 0.0 --vocab-size 300"
+    ),
+}
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_random_hf_model_imports_and_finetunes_from_its_weights(tmp_path, kind):
+def test_random_hf_model_imports_and_finetunes_from_its_weights(tmp_path, kind, capsys):
     hf = _random_hf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
     if kind == "llama":  # the pickle path: pytorch_model.bin, read with weights_only=True
         (tmp_path / "hf" / "model.safetensors").unlink()
         torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
-        assert (
-            convert_main(["import", "--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "ckpt")]) == 0
-        )
-    else:  # the command line as users run it
-        proc = _run([CONVERT, "import", "--hf-dir", "hf", "--save", "ckpt"], tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.splitlines()[:3] == [
-            "imported GPT2LMHeadModel from hf into ckpt (iteration 0)",
-            "tokenizer: none recognised (pass --tokenizer-type when training)",
-            f"model settings: ckpt/{ARGS_FILENAME}",
-        ]
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: convert_main(["import", "--hf-dir", str(tmp_path / "hf"), "--save", str(ckpt)]))
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.splitlines()[:4] == [
+        f"imported {ARCHITECTURES[kind]} from {tmp_path / 'hf'} into {ckpt} (iteration 0)",
+        "tokenizer: none recognised (pass --tokenizer-type when training)",
+        f"model settings: {ckpt / ARGS_FILENAME}",
+        f"model flags: {IMPORTED_FLAGS[kind]}",
+    ]
 
     seq, batch = 16, 2
     proc = _run(
@@ -475,8 +487,8 @@ def test_layout_variants_round_trip_exactly(tmp_path, variant):
         theirs = _hf_model(tmp_path / "hf")(torch.tensor([ids])).logits[0]
     ours = _our_logits(model, ids)
     assert (theirs - ours).abs().max().item() < LOGIT_ATOL
-    import_from_hf(tmp_path / "hf", tmp_path / "back")
-    back = GPTModel(MegatronConfig.from_dict(cfg.to_dict())).eval()
+    result = import_from_hf(tmp_path / "hf", tmp_path / "back")
+    back = GPTModel(result.config).eval()
     load_model_weights(back, tmp_path / "back")
     assert torch.equal(_our_logits(back, ids), ours)
 

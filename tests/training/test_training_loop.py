@@ -1,5 +1,6 @@
 """The training loop on one process: accumulation, skipping non-finite steps, evaluation, exits, precision."""
 
+import json
 import math
 import os
 import signal
@@ -256,3 +257,37 @@ def test_sigterm_saves_a_checkpoint_when_asked(tmp_path):
     )
     assert (result.iteration, result.exit_reason) == (2, "signal")
     assert read_latest_iteration(ckpt) == 2
+
+
+def test_trains_on_preprocessed_text(tmp_path):
+    # End to end with the data pipeline: byte-tokenised documents -> .bin/.idx -> GPTDataset -> the loop.
+    from megatron_lite.data_preprocessing import preprocess_main
+
+    corpus = tmp_path / "corpus.jsonl"
+    verse = "Of Mans First Disobedience, and the Fruit Of that Forbidden Tree, whose mortal tast. "
+    corpus.write_text("".join(json.dumps({"text": verse * (20 + i)}) + "\n" for i in range(30)))
+    prefix = str(tmp_path / "verse")
+    preprocess_main(
+        [
+            "--input",
+            str(corpus),
+            "--output-prefix",
+            prefix,
+            "--tokenizer-type",
+            "ByteTokenizer",
+            "--append-eod",
+            "--workers",
+            "1",
+        ]
+    )
+    flags = (
+        "--num-layers 1 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --micro-batch-size 4 "
+        f"--lr 2e-2 --train-iters 150 --eval-interval 150 --eval-iters 2 --num-workers 0 --peak-tflops 1 "
+        f"--hidden-dropout 0 --attention-dropout 0 --tokenizer-type ByteTokenizer --split 8,1,1 "
+        f"--data-path {prefix}_text_document --data-cache-path {tmp_path / 'cache'}"
+    )
+    result = pretrain(parse_config(flags.split()))
+    first, last = result.losses[0][1], result.losses[-1][1]
+    assert abs(first - math.log(257)) < 0.1  # uniform over the byte vocabulary at init
+    # below the ~2.9 nats of English letter frequencies: it learned the repeated verse, not just unigrams
+    assert last < 1.5 and result.last_validation_loss < 1.5
