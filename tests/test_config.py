@@ -134,7 +134,7 @@ def test_finalize_twice_gives_the_same_config():
         (
             "--position-embedding-type rope --kv-channels 3",
             1,
-            "--position-embedding-type rope needs an even head size, got 3",
+            "--rotary-percent 1.0 of head size 3 rotates 3 dimensions; RoPE needs a positive even number",
         ),
     ],
 )

@@ -16,7 +16,12 @@ from megatron_lite.config import MegatronConfig
 from megatron_lite.convert import gpt2, llama
 from megatron_lite.convert.common import TensorSource, require_hf
 from megatron_lite.errors import fail
-from megatron_lite.training.checkpointing import load_saved_config, read_full_tensors, read_latest_iteration
+from megatron_lite.training.checkpointing import (
+    iteration_dir_name,
+    load_saved_config,
+    read_full_tensors,
+    read_latest_iteration,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Recorded in config.json so that an import knows which megatron-lite tokenizer the ids belong to.
@@ -58,6 +63,11 @@ def export_to_hf(
         iteration = read_latest_iteration(load_dir)
         if iteration is None:
             fail(f"--load {load_dir}: no checkpoint in this directory (no latest_checkpointed_iteration.txt)")
+    elif not (load_dir / iteration_dir_name(iteration)).is_dir() and not (
+        iteration == 0 and (load_dir / "release").is_dir()
+    ):
+        saved = ", ".join(sorted(p.name for p in load_dir.glob("iter_*") if "." not in p.name)) or "none"
+        fail(f"--iteration {iteration}: {load_dir} has no {iteration_dir_name(iteration)} (it has: {saved})")
     if save_dir.exists() and (not save_dir.is_dir() or any(save_dir.iterdir())):
         fail(f"--save-dir {save_dir} exists and is not an empty directory; give a new one")
 

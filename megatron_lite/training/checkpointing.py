@@ -474,6 +474,7 @@ _MODEL_SHAPE_FIELDS = (
     "swiglu",
     "untie_embeddings_and_output_weights",
     "disable_bias_linear",
+    "norm_epsilon",
 )
 _DERIVED_SHAPE_FIELDS = ("num_query_groups", "kv_channels", "ffn_hidden_size")
 
@@ -494,6 +495,8 @@ def _check_same_model(saved: MegatronConfig, cfg: MegatronConfig, ckpt: Path) ->
     found = differences(_MODEL_SHAPE_FIELDS)
     if saved.position_embedding_type == cfg.position_embedding_type == "learned_absolute":
         found += differences(("max_position_embeddings",))
+    if saved.position_embedding_type == cfg.position_embedding_type == "rope":
+        found += differences(("rotary_base", "rotary_percent"))
     if saved.qkv_bias != cfg.qkv_bias:
         found.append(("QKV bias (--add-qkv-bias/--disable-qkv-bias)", saved.qkv_bias, cfg.qkv_bias))
     if not found:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from megatron_lite.config import MegatronConfig
+from megatron_lite.core.datasets.gpt_dataset import get_ltor_masks_and_position_ids
 from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
 
@@ -101,19 +102,32 @@ class MockGPTDataset(Dataset):
     """Deterministic random tokens for --mock-data: sample i depends only on (seed, split, i).
 
     Each sample draws seq_length + 1 tokens uniformly from [0, vocab_size); tokens are the first
-    seq_length, labels the last seq_length, every position counts in the loss.
+    seq_length, labels the last seq_length. With an `eod` id, --eod-mask-loss, --reset-position-ids and
+    --reset-attention-mask apply to the (rare) eod tokens exactly as for real data.
     """
 
     SPLITS = ("train", "valid", "test")
 
     def __init__(
-        self, num_samples: int, seq_length: int, vocab_size: int, seed: int, split: str = "train"
+        self,
+        num_samples: int,
+        seq_length: int,
+        vocab_size: int,
+        seed: int,
+        split: str = "train",
+        *,
+        eod: int | None = None,
+        reset_position_ids: bool = False,
+        reset_attention_mask: bool = False,
+        eod_mask_loss: bool = False,
     ) -> None:
         self.num_samples = num_samples
         self.seq_length = seq_length
         self.vocab_size = vocab_size
         self.seed = seed
         self.split_id = self.SPLITS.index(split)
+        self.eod = eod
+        self.mask_flags = (reset_position_ids, reset_attention_mask, eod_mask_loss)
         self._loss_mask = torch.ones(seq_length, dtype=torch.float32)
         self._position_ids = torch.arange(seq_length, dtype=torch.int64)
 
@@ -125,20 +139,45 @@ class MockGPTDataset(Dataset):
             raise IndexError(f"sample {index} out of range [0, {self.num_samples})")
         rng = np.random.default_rng([self.seed, self.split_id, int(index)])
         text = torch.from_numpy(rng.integers(0, self.vocab_size, self.seq_length + 1, dtype=np.int64))
-        return {
-            "tokens": text[:-1].clone(),
-            "labels": text[1:].clone(),
-            "loss_mask": self._loss_mask.clone(),
-            "position_ids": self._position_ids.clone(),
-        }
+        tokens, labels = text[:-1].clone(), text[1:].clone()
+        if self.eod is None or not any(self.mask_flags):
+            return {
+                "tokens": tokens,
+                "labels": labels,
+                "loss_mask": self._loss_mask.clone(),
+                "position_ids": self._position_ids.clone(),
+            }
+        attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
+            tokens, self.eod, *self.mask_flags
+        )
+        sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+        if attention_mask is not None:
+            sample["attention_mask"] = attention_mask
+        return sample
 
 
 def build_mock_datasets(
-    cfg: MegatronConfig, num_samples: tuple[int, int, int]
-) -> tuple[MockGPTDataset, MockGPTDataset | None, MockGPTDataset | None]:
-    """Train, valid and test mock datasets of the requested sizes (None where a size is 0)."""
+    cfg: MegatronConfig, num_samples: tuple[int, int, int], eod: int | None = None
+) -> tuple[MockGPTDataset | None, MockGPTDataset | None, MockGPTDataset | None]:
+    """Train, valid and test mock datasets of the requested sizes (None where a size is 0).
+
+    `eod` defaults to the last id of the vocabulary when no tokenizer gives one.
+    """
+    eod = cfg.vocab_size - 1 if eod is None else eod
     datasets = [
-        MockGPTDataset(n, cfg.seq_length, cfg.vocab_size, cfg.seed, split) if n > 0 else None
+        MockGPTDataset(
+            n,
+            cfg.seq_length,
+            cfg.vocab_size,
+            cfg.seed,
+            split,
+            eod=eod,
+            reset_position_ids=cfg.reset_position_ids,
+            reset_attention_mask=cfg.reset_attention_mask,
+            eod_mask_loss=cfg.eod_mask_loss,
+        )
+        if n > 0
+        else None
         for n, split in zip(num_samples, MockGPTDataset.SPLITS)
     ]
     return datasets[0], datasets[1], datasets[2]

@@ -17,8 +17,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from megatron_lite.config import MegatronConfig
+from megatron_lite.core.datasets.builder import build_train_valid_test_datasets
+from megatron_lite.core.models.gpt import GPTModel
+from megatron_lite.core.tensor_parallel import model_parallel_manual_seed
 from megatron_lite.errors import UserError, fail
 from megatron_lite.parallel_state import ParallelState
+from megatron_lite.tokenizer import Tokenizer, build_tokenizer
 from megatron_lite.training.data_samplers import build_mock_datasets, build_pretraining_data_loader
 from megatron_lite.training.grad_utils import (
     LossScaler,
@@ -81,18 +85,15 @@ def pretrain(
 
 
 # ---- setup ------------------------------------------------------------------------------------------
-def setup_config(cfg: MegatronConfig, pstate: ParallelState):
+def setup_config(cfg: MegatronConfig, pstate: ParallelState) -> Tokenizer | None:
     """Build the tokenizer, finalize the config for this world and vocabulary, and check the device."""
-    tokenizer = None
-    if cfg.tokenizer_type is not None:
-        from megatron_lite.tokenizer import build_tokenizer
-
-        tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file, cfg.merge_file)
-    elif cfg.vocab_file is not None or cfg.merge_file is not None:
+    tokenizer_type = cfg.tokenizer_type
+    if tokenizer_type is None and (cfg.vocab_file is not None or cfg.merge_file is not None):
         # Megatron's GPT examples give only the BPE files; they can only mean the GPT-2 tokenizer.
-        from megatron_lite.tokenizer import build_tokenizer
-
-        tokenizer = build_tokenizer("GPT2BPETokenizer", cfg.vocab_file, cfg.merge_file)
+        tokenizer_type = "GPT2BPETokenizer"
+    tokenizer = None
+    if tokenizer_type is not None:
+        tokenizer = build_tokenizer(tokenizer_type, cfg.vocab_file, cfg.merge_file)
     elif not cfg.mock_data:
         fail(
             "--tokenizer-type is required with --data-path: GPT2BPETokenizer or ByteTokenizer, as in preprocessing"
@@ -100,6 +101,11 @@ def setup_config(cfg: MegatronConfig, pstate: ParallelState):
     elif cfg.vocab_size is None:
         fail("--mock-data without --tokenizer-type needs --vocab-size, e.g. --vocab-size 50257")
     cfg.finalize(pstate.world_size, tokenizer.vocab_size if tokenizer is not None else None)
+    if tokenizer is not None and cfg.vocab_size < tokenizer.vocab_size:
+        fail(
+            f"--vocab-size {cfg.vocab_size} is smaller than the {tokenizer.name} vocabulary "
+            f"({tokenizer.vocab_size}); leave --vocab-size out to use the tokenizer's"
+        )
     if cfg.tensor_model_parallel_size != pstate.tp_size:
         fail(
             f"--tensor-model-parallel-size {cfg.tensor_model_parallel_size} does not match the process "
@@ -117,16 +123,12 @@ def check_precision(cfg: MegatronConfig, device: torch.device) -> None:
 
 def set_random_seed(seed: int, pstate: ParallelState | None = None) -> None:
     """Seed python, numpy and torch with --seed, and the model's RNG tracker streams for this TP rank."""
-    from megatron_lite.core.tensor_parallel import model_parallel_manual_seed
-
     random.seed(seed)
     np.random.seed(seed)
     model_parallel_manual_seed(seed, pstate.tp_rank if pstate is not None else 0)
 
 
 def _gpt_model_provider(cfg: MegatronConfig, pstate: ParallelState) -> torch.nn.Module:
-    from megatron_lite.core.models.gpt import GPTModel
-
     return GPTModel(cfg, pstate)
 
 
@@ -193,6 +195,7 @@ class Trainer:
                 device_ids=[pstate.device.index] if pstate.device.type == "cuda" else None,
             )
         self.model = self.ddp if self.ddp is not None else forward_module
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.module, cfg, pstate)
         self.scheduler = OptimizerParamScheduler.from_config(self.optimizer, cfg)
         self.scaler = LossScaler.from_config(cfg)
@@ -211,6 +214,7 @@ class Trainer:
         """Resume from --load when it holds a checkpoint (weights, optimizer, schedule, RNG, progress)."""
         if not self.cfg.load:
             return
+        # Imported on use: torch.distributed.checkpoint adds seconds to start-up, needed only with --load/--save.
         from megatron_lite.training.checkpointing import load_checkpoint
 
         progress = load_checkpoint(
@@ -255,7 +259,7 @@ class Trainer:
         self.logger.resume()
 
     # ---- data ------------------------------------------------------------------------------------
-    def build_data(self, tokenizer) -> None:
+    def build_data(self, tokenizer: Tokenizer | None) -> None:
         """Datasets sized as Megatron sizes them, and loaders that continue at the consumed-sample counts."""
         cfg, pstate = self.cfg, self.pstate
         gbs = cfg.global_batch_size
@@ -265,10 +269,10 @@ class Trainer:
             cfg.eval_iters * gbs,
         )
         if cfg.mock_data:
-            train_ds, valid_ds, test_ds = build_mock_datasets(cfg, num_samples)
+            train_ds, valid_ds, test_ds = build_mock_datasets(
+                cfg, num_samples, tokenizer.eod if tokenizer is not None else None
+            )
         else:
-            from megatron_lite.core.datasets.builder import build_train_valid_test_datasets
-
             barrier = (lambda: dist.barrier()) if pstate.is_distributed else None
             train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
                 cfg, tokenizer, num_samples, is_builder=pstate.rank == 0, barrier=barrier
@@ -338,9 +342,8 @@ class Trainer:
         lm_loss = self._dp_mean(loss_sum / n)
         # Under --sequence-parallel the model's autograd already sums the replicated norms' and biases'
         # partial gradients over the TP group, so the gradients are complete here.
-        params = list(self.module.parameters())
-        self.scaler.unscale_(params)
-        grad_norm = clip_grad_norm(params, cfg.clip_grad, self.pstate)
+        self.scaler.unscale_(self.params)
+        grad_norm = clip_grad_norm(self.params, cfg.clip_grad, self.pstate)
         skipped = not (math.isfinite(grad_norm) and math.isfinite(lm_loss))
         if not skipped:
             self.optimizer.step()
@@ -378,63 +381,67 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self, exit_signal: ExitSignal, start_time: float) -> TrainResult:
+        """Train to --train-iters (or an exit condition), then evaluate on the validation and test sets."""
         cfg = self.cfg
-        result = self.result
-        consecutive_skips = 0
         if not cfg.skip_train:
-            self.logger.start()
-            while self.iteration < cfg.train_iters:
-                batches = self._next_micro_batches(self.train_iter, "training")
-                loss, grad_norm, skipped = self.train_step(batches)
-                self.iteration += 1
-                self.consumed_train_samples += cfg.global_batch_size
-                result.losses.append((self.iteration, loss))
-                if skipped:
-                    self.skipped_iterations += 1
-                    # With dynamic fp16 scaling an overflow is normal until the scale has come down.
-                    if not math.isfinite(loss) or self.scaler.at_minimum:
-                        consecutive_skips += 1
-                else:
-                    consecutive_skips = 0
-                line = self.logger.training_step(
-                    iteration=self.iteration,
-                    consumed_samples=self.consumed_train_samples,
-                    learning_rate=self.scheduler.get_lr(),
-                    loss=loss,
-                    grad_norm=grad_norm,
-                    loss_scale=self.scaler.scale,
-                    skipped=skipped,
-                    params_norm=self._params_norm_if_logged(),
-                )
-                if line is not None:
-                    result.log_lines.append(line)
-                if consecutive_skips >= cfg.max_consecutive_skipped_iterations:
-                    self._stop_non_finite(consecutive_skips)
-                if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
-                    loss_value = self._evaluate_and_report(
-                        self.valid_iter, f"iteration {self.iteration}", "validation"
-                    )
-                    if loss_value is not None:
-                        result.validation_losses.append((self.iteration, loss_value))
-                if cfg.save_interval and self.iteration % cfg.save_interval == 0:
-                    self.save()
-                reason = self._exit_reason(exit_signal, start_time)
-                if reason is not None:
-                    self.logger.print(f"exiting at iteration {self.iteration} ({reason})")
-                    self.save()
-                    result.exit_reason = reason
-                    return self._finish()
+            reason = self.train(exit_signal, start_time)
+            if reason is not None:
+                self.result.exit_reason = reason
+                return self._finish()
             if self.iteration > 0:
                 self.save()
         where = f"iteration {self.iteration}"
-        loss_value = self._evaluate_and_report(self.valid_iter, f"{where} on validation set", "validation")
-        if loss_value is not None:
-            result.validation_losses.append((self.iteration, loss_value))
+        loss = self._evaluate_and_report(self.valid_iter, f"{where} on validation set", "validation")
+        if loss is not None:
+            self.result.validation_losses.append((self.iteration, loss))
         if self.test_dataset is not None and cfg.eval_iters > 0:
-            result.test_loss = self._evaluate_and_report(
+            self.result.test_loss = self._evaluate_and_report(
                 self._iterate(self.test_dataset, 0), f"{where} on test set", "test"
             )
         return self._finish()
+
+    def train(self, exit_signal: ExitSignal, start_time: float) -> str | None:
+        """The iteration loop; returns why it stopped early (after saving), or None at --train-iters."""
+        cfg = self.cfg
+        consecutive_skips = 0
+        self.logger.start()
+        while self.iteration < cfg.train_iters:
+            loss, grad_norm, skipped = self.train_step(self._next_micro_batches(self.train_iter, "training"))
+            self.iteration += 1
+            self.consumed_train_samples += cfg.global_batch_size
+            self.result.losses.append((self.iteration, loss))
+            self.skipped_iterations += int(skipped)
+            # With dynamic fp16 scaling an overflow is normal until the scale has come down.
+            if skipped and (not math.isfinite(loss) or self.scaler.at_minimum):
+                consecutive_skips += 1
+            elif not skipped:
+                consecutive_skips = 0
+            line = self.logger.training_step(
+                iteration=self.iteration,
+                consumed_samples=self.consumed_train_samples,
+                learning_rate=self.scheduler.get_lr(),
+                loss=loss,
+                grad_norm=grad_norm,
+                loss_scale=self.scaler.scale,
+                skipped=skipped,
+                params_norm=self._params_norm_if_logged(),
+            )
+            if line is not None:
+                self.result.log_lines.append(line)
+            if consecutive_skips >= cfg.max_consecutive_skipped_iterations:
+                self._stop_non_finite(consecutive_skips)
+            if self.iteration % cfg.eval_interval == 0:
+                loss = self._evaluate_and_report(self.valid_iter, f"iteration {self.iteration}", "validation")
+                if loss is not None:
+                    self.result.validation_losses.append((self.iteration, loss))
+            if cfg.save_interval and self.iteration % cfg.save_interval == 0:
+                self.save()
+            reason = self._exit_reason(exit_signal, start_time)
+            if reason is not None:
+                self.logger.print(f"exiting at iteration {self.iteration} ({reason})")
+                self.save()
+                return reason
+        return None
 
     def _finish(self) -> TrainResult:
         result = self.result

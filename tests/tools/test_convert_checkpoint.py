@@ -182,6 +182,11 @@ def test_import_of_export_reproduces_our_logits_bitwise(trained, exported, tmp_p
 
 
 def test_export_of_an_earlier_iteration_in_bfloat16(trained, tmp_path):
+    with pytest.raises(UserError) as err:
+        export_to_hf(trained / "llama", tmp_path / "hf", iteration=1)
+    assert str(err.value) == (
+        f"--iteration 1: {trained / 'llama'} has no iter_0000001 (it has: iter_0000002, iter_0000003)"
+    )
     result = export_to_hf(trained / "llama", tmp_path / "hf", iteration=2, dtype="bfloat16")
     assert (result.iteration, result.dtype) == (2, "bfloat16")
     weights = safetensors_torch.load_file(str(tmp_path / "hf" / "model.safetensors"))
@@ -302,6 +307,9 @@ def test_random_hf_model_imports_and_finetunes_from_its_weights(tmp_path, kind, 
     labels = torch.stack([s["labels"] for s in samples])
     with torch.no_grad():
         hf_loss = F.cross_entropy(hf(tokens).logits.reshape(-1, 300), labels.reshape(-1)).item()
+    print(
+        f"{kind}: pretrain_gpt.py --finetune iteration-1 loss {run_loss:.6e}, HF loss on that batch {hf_loss:.6e}"
+    )
     assert abs(hf_loss - math.log(300)) > 0.5  # a model that lost its weights would sit near ln(V)
     assert run_loss == pytest.approx(hf_loss, abs=2e-5, rel=2e-6)
 
@@ -455,6 +463,19 @@ def test_import_refuses_missing_weights_and_an_occupied_save_dir(tmp_path):
     assert str(err.value) == f"--save {tmp_path / 'ckpt'} already holds a checkpoint; give a new directory"
 
 
+def test_sharded_checkpoint_imports_with_hf_logits(tmp_path):
+    hf = _tiny_llama(num_key_value_heads=1, tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="2KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    result = import_from_hf(tmp_path / "hf", tmp_path / "ckpt")
+    model = GPTModel(result.config).eval()
+    load_model_weights(model, tmp_path / "ckpt")
+    ids = list(range(3, 40, 3))
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0]
+    assert (theirs - _our_logits(model, ids)).abs().max().item() < LOGIT_ATOL
+
+
 # ---- exact parity for layouts the trained models do not cover ---------------------------------------------
 
 VARIANTS = {
@@ -486,7 +507,9 @@ def test_layout_variants_round_trip_exactly(tmp_path, variant):
     with torch.no_grad():
         theirs = _hf_model(tmp_path / "hf")(torch.tensor([ids])).logits[0]
     ours = _our_logits(model, ids)
-    assert (theirs - ours).abs().max().item() < LOGIT_ATOL
+    diff = (theirs - ours).abs().max().item()
+    print(f"{variant}: max |logit diff| HF vs megatron-lite = {diff:.3e}")
+    assert diff < LOGIT_ATOL
     result = import_from_hf(tmp_path / "hf", tmp_path / "back")
     back = GPTModel(result.config).eval()
     load_model_weights(back, tmp_path / "back")

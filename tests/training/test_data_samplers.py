@@ -87,3 +87,21 @@ def test_creating_a_loader_iterator_leaves_the_global_rng_alone():
     torch.manual_seed(5)
     next(iter(build_pretraining_data_loader(train, 0, cfg, ParallelState())))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_mock_dataset_applies_eod_masks():
+    ds = MockGPTDataset(
+        4, 12, 4, seed=3, eod=3, reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True
+    )
+    sample = ds[0]
+    tokens = sample["tokens"]
+    assert (tokens == 3).any()  # a 4-token vocabulary makes eod common
+    assert torch.equal(sample["loss_mask"], (tokens != 3).float())
+    first_eod = int((tokens == 3).nonzero()[0])
+    assert sample["position_ids"][first_eod + 1] == 0  # positions restart after an eod
+    mask = sample["attention_mask"]
+    assert mask.shape == (1, 12, 12) and mask.dtype == torch.bool
+    assert mask[0, first_eod + 1, first_eod] and not mask[0, first_eod, first_eod]  # no attention across it
+    plain = MockGPTDataset(4, 12, 4, seed=3, eod=3)[0]
+    assert torch.equal(plain["tokens"], tokens) and "attention_mask" not in plain
+    assert plain["loss_mask"].tolist() == [1.0] * 12

@@ -291,3 +291,31 @@ def test_trains_on_preprocessed_text(tmp_path):
     assert abs(first - math.log(257)) < 0.1  # uniform over the byte vocabulary at init
     # below the ~2.9 nats of English letter frequencies: it learned the repeated verse, not just unigrams
     assert last < 1.5 and result.last_validation_loss < 1.5
+
+
+def test_eod_masks_reach_the_model():
+    # lr 0: the first iteration's loss is the masked mean of the model's per-token loss on that batch
+    cfg = config(
+        "--micro-batch-size 2 --train-iters 1 --lr 0 --vocab-size 6 --reset-attention-mask --reset-position-ids --eod-mask-loss"
+    )
+    result = pretrain(cfg)
+    ds = MockGPTDataset(
+        2,
+        cfg.seq_length,
+        6,
+        cfg.seed,
+        "train",
+        eod=5,
+        reset_position_ids=True,
+        reset_attention_mask=True,
+        eod_mask_loss=True,
+    )
+    batch = {k: torch.stack([ds[0][k], ds[1][k]]) for k in ds[0]}
+    assert batch["attention_mask"].shape == (2, 1, 8, 8)
+    with torch.no_grad():
+        per_token = GPTModel(cfg).eval()(
+            batch["tokens"], batch["position_ids"], batch["attention_mask"], batch["labels"]
+        )
+    expected = (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    assert result.losses[0][1] == pytest.approx(expected.item(), rel=1e-6)
+    assert 0 < batch["loss_mask"].sum() < 16
