@@ -1,10 +1,14 @@
 """Data, tensor and sequence parallel training (real gloo processes) reproduce the single-process loss curve."""
 
+import os
+import signal
+
 import pytest
 from dist_utils import run_distributed
 from megatron_log import MEGATRON_LINE
 
 from megatron_lite.arguments import parse_config
+from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.parallel_state import initialize_parallel
 from megatron_lite.training.training import pretrain
 
@@ -22,22 +26,41 @@ TWO_RANK_LAYOUTS = {
     "tp2-sequence-parallel": ("--tensor-model-parallel-size 2 --sequence-parallel", 2),
 }
 RTOL = 1e-5
+SIGTERM_RUN = "dp2-sigterm-on-rank-1"
 
 
-def _train(extra: str, tp: int) -> dict:
+class _SigtermAtIteration3(GPTModel):
+    """Sends SIGTERM to its own process during the third training iteration."""
+
+    calls = 0
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            self.calls += 1
+            if self.calls == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(*args, **kwargs)
+
+
+def _train(extra: str, tp: int, model_provider=None) -> dict:
     cfg = parse_config(f"{BASE} {extra}".split())
     pstate = initialize_parallel(tp)
-    result = pretrain(cfg, pstate)
+    result = pretrain(cfg, pstate, model_provider=model_provider)
     return {
         "losses": [v for _, v in result.losses],
         "lines": result.log_lines,
         "micro_batches": cfg.num_microbatches,
         "dp": pstate.dp_size,
+        "exit": (result.iteration, result.exit_reason),
     }
 
 
 def _layouts_worker(rank: int, world_size: int, layouts: dict) -> dict:
-    return {name: _train(extra, tp) for name, (extra, tp) in layouts.items()}
+    results = {name: _train(extra, tp) for name, (extra, tp) in layouts.items()}
+    if world_size == 2:
+        # Only rank 1 receives the signal; both ranks must still stop after the same iteration.
+        results[SIGTERM_RUN] = _train("", 1, _SigtermAtIteration3 if rank == 1 else None)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +91,7 @@ def test_two_rank_layouts_match_one_process(single_process_losses):
         assert all(f["tokens_per_rank"] is not None for f in fields)
     # DP=2 halves the accumulation: one micro batch per rank instead of two.
     assert results[0]["dp2"]["micro_batches"] == 1 and results[0]["tp2"]["micro_batches"] == 2
+    assert [r[SIGTERM_RUN]["exit"] for r in results] == [(3, "signal"), (3, "signal")]
 
 
 @pytest.mark.slow

@@ -49,13 +49,16 @@ class LanguageModelEmbedding(nn.Module):
         self.embedding_dropout = Dropout(cfg.hidden_dropout, use_model_parallel_rng=cfg.sequence_parallel)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        words = self.word_embeddings(input_ids)  # [b, s, h], or [s/tp, b, h] under sequence parallelism
-        if not self.sequence_parallel:
-            words = words.transpose(0, 1)  # [s, b, h]
-        if self.position_embeddings is None:
-            embeddings = words.contiguous()
+        # Looking up the transposed ids yields [s, b, h] already contiguous. A transposed [b, s, h] view
+        # would leave the whole residual stream non-contiguous, and every norm would copy its input.
+        if self.sequence_parallel:
+            words = self.word_embeddings(input_ids)  # [s/tp, b, h]
         else:
-            positions = self.position_embeddings(position_ids).transpose(0, 1)  # [s, b, h]
+            words = self.word_embeddings(input_ids.t())  # [s, b, h]
+        if self.position_embeddings is None:
+            embeddings = words
+        else:
+            positions = self.position_embeddings(position_ids.t())  # [s, b, h]
             if self.sequence_parallel:
                 positions = scatter_to_sequence_parallel_region(positions, self.tp_group)  # [s/tp, b, h]
             embeddings = words + positions
