@@ -97,7 +97,9 @@ def _coerce(name: str, value: Any, path: str) -> Any:
     kind = _base_type(annotation)
     is_list = "list[" in str(annotation)
     if value is None:
-        return None
+        if type(None) in typing.get_args(annotation):
+            return None
+        fail(f"{path}: key '{name}' must be {kind.__name__}, got null")
     if is_list:
         items = value.split() if isinstance(value, str) else value
         if not isinstance(items, list):
@@ -107,6 +109,8 @@ def _coerce(name: str, value: Any, path: str) -> Any:
         if not isinstance(value, bool):
             fail(f"{path}: key '{name}' must be true or false, got {value!r}")
         return value
+    if isinstance(value, bool):
+        fail(f"{path}: key '{name}' must be {kind.__name__}, got {value!r}")
     try:
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError

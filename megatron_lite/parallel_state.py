@@ -70,6 +70,8 @@ def initialize_parallel(
                 f"launch with torchrun --nproc_per_node={tensor_model_parallel_size}"
             )
         return ParallelState(device=torch_device)
+    if backend == "nccl" and torch_device.type != "cuda":
+        fail("--distributed-backend nccl needs CUDA GPUs; leave it out (gloo is used on CPU) or pass gloo")
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch_device.type == "cuda" else "gloo"

@@ -128,13 +128,20 @@ def test_empty_yaml_is_no_settings(tmp_path):
     assert load_yaml(write(tmp_path, "")) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="reported: YAML booleans are accepted for int/float keys (yes -> 1)")
 def test_yaml_boolean_for_a_number_is_an_error(tmp_path):
     path = write(tmp_path, "num_layers: yes\n")
     assert error_of(["--yaml-cfg", path]) == f"{path}: key 'num_layers' must be int, got True"
 
 
-@pytest.mark.xfail(strict=True, reason="reported: null is accepted for keys that cannot be None")
 def test_yaml_null_for_a_required_number_is_an_error(tmp_path):
     path = write(tmp_path, "lr_warmup_iters: null\n")
-    assert error_of(["--yaml-cfg", path]) == f"{path}: key 'lr_warmup_iters' must be int, got None"
+    assert error_of(["--yaml-cfg", path]) == f"{path}: key 'lr_warmup_iters' must be int, got null"
+
+
+def test_nccl_backend_on_cpu_is_a_one_line_error(monkeypatch):
+    from megatron_lite.errors import UserError
+    from megatron_lite.parallel_state import initialize_parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="--distributed-backend nccl needs CUDA GPUs"):
+        initialize_parallel(1, device="cpu", backend="nccl")
