@@ -240,6 +240,10 @@ def preprocess(
         return stats
     except BrokenProcessPool:
         fail("a --workers process died unexpectedly (out of memory?); retry with fewer --workers")
+    except OSError as err:
+        fail(
+            f"{err.filename or output_prefix}: cannot write the output ({err.strerror or err}); check --output-prefix"
+        )
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -483,10 +487,15 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> OutputStats:
     """Concatenate datasets in the order given into `{output_prefix}.bin/.idx` (all-or-nothing)."""
     prefixes = [p[:-4] if p.endswith((".bin", ".idx")) else p for p in prefixes]
     dtype = IndexedDataset(prefixes[0]).dtype
-    with IndexedDatasetBuilder(output_prefix, dtype) as builder:
-        for prefix in prefixes:
-            builder.add_index(prefix)
-        builder.finalize()
+    try:
+        with IndexedDatasetBuilder(output_prefix, dtype) as builder:
+            for prefix in prefixes:
+                builder.add_index(prefix)
+            builder.finalize()
+    except OSError as err:
+        fail(
+            f"{err.filename or output_prefix}: cannot write the output ({err.strerror or err}); check --output-prefix"
+        )
     return OutputStats(
         prefix=output_prefix,
         dtype=np.dtype(dtype).name,

@@ -253,3 +253,14 @@ def test_interrupt_removes_temporary_files(tmp_path):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.strip().startswith("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_unwritable_output_directory(tmp_path):
+    src = tmp_path / "in.jsonl"
+    write_lines(src, [GOOD])
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run("--input", src, "--output-prefix", blocker / "out")
+    assert_clean_failure(
+        proc, tmp_path, "cannot write the output", "--output-prefix", keep=["file", "in.jsonl"]
+    )
