@@ -54,7 +54,8 @@ def format_log_line(
     if tokens_per_second_per_rank is not None:
         parts.append(f" tokens per second per rank: {tokens_per_second_per_rank:.1f} |")
     if tflops is not None:
-        parts.append(f" TFLOP/s: {tflops:.1f} |")
+        # CPUs run at a fraction of a TFLOP/s, where Megatron's one decimal would always print 0.0.
+        parts.append(f" TFLOP/s: {tflops:.1f} |" if tflops >= 10 else f" TFLOP/s: {tflops:.3f} |")
     if mfu is not None:
         parts.append(f" MFU: {mfu * 100:.1f}% |")
     parts.append(f" learning rate: {learning_rate:.6E} |")

@@ -11,7 +11,7 @@ MEGATRON_LINE = re.compile(
     r"(?: throughput per GPU \(TFLOP/s/GPU\): (?P<megatron_tflops>\d+\.\d) \|)?"
     r"(?: tokens per second: (?P<tokens_per_second>\d+\.\d) \|)?"
     r"(?: tokens per second per rank: (?P<tokens_per_rank>\d+\.\d) \|)?"
-    r"(?: TFLOP/s: (?P<tflops>\d+\.\d) \|)?"
+    r"(?: TFLOP/s: (?P<tflops>\d+\.\d+) \|)?"
     r"(?: MFU: (?P<mfu>\d+\.\d)% \|)?"
     r" learning rate: (?P<lr>\d\.\d{6}E[+-]\d{2}) \|"
     r" global batch size: +(?P<gbs>\d+) \|"

@@ -48,7 +48,7 @@ def test_line_format_is_megatrons_with_our_throughput_fields():
     assert line == (
         " [2025-05-09 06:11:17] iteration       20/     100 | consumed samples:          640 |"
         " elapsed time per iteration (ms): 123.5 | tokens per second: 16587.0 | tokens per second per rank:"
-        " 8293.5 | TFLOP/s: 0.3 | MFU: 12.3% | learning rate: 3.000000E-04 | global batch size:    32 |"
+        " 8293.5 | TFLOP/s: 0.255 | MFU: 12.3% | learning rate: 3.000000E-04 | global batch size:    32 |"
         " lm loss: 7.123457E+00 | loss scale: 1.0 | grad norm: 1.235 | number of skipped iterations:   2 |"
         " number of nan iterations:   1 |"
     )
