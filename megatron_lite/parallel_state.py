@@ -72,19 +72,25 @@ def initialize_parallel(
         return ParallelState(device=torch_device)
     if backend == "nccl" and torch_device.type != "cuda":
         fail("--distributed-backend nccl needs CUDA GPUs; leave it out (gloo is used on CPU) or pass gloo")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
             device_id=torch_device if torch_device.type == "cuda" else None,
         )
     world_size = dist.get_world_size()
     tp = tensor_model_parallel_size
     if world_size % tp != 0:
         fail(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}")
-    mesh = init_device_mesh(torch_device.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    mesh = init_device_mesh(
+        torch_device.type,
+        (world_size // tp, tp),
+        mesh_dim_names=("dp", "tp"),
+        backend_override=_subgroup_timeouts(dist.get_backend(), timeout),
+    )
     return ParallelState(
         rank=dist.get_rank(),
         world_size=world_size,
@@ -97,6 +103,19 @@ def initialize_parallel(
         mesh=mesh,
         device=torch_device,
     )
+
+
+def _subgroup_timeouts(backend: str, timeout: datetime.timedelta) -> dict[str, tuple[str, object]] | None:
+    """Give the mesh's TP and DP groups the run's collective timeout: without options torch creates
+    them with its 30-minute default, and a stalled rank inside a TP collective would hang the others."""
+    if backend == "gloo":
+        options = dist.ProcessGroupGloo._Options()
+    elif backend == "nccl" and hasattr(dist, "ProcessGroupNCCL"):
+        options = dist.ProcessGroupNCCL.Options()
+    else:
+        return None
+    options._timeout = timeout
+    return {"dp": (backend, options), "tp": (backend, options)}
 
 
 def destroy_parallel() -> None:

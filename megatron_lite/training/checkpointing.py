@@ -7,12 +7,17 @@
 #   {dir}/iter_{it:07d}/common.pt               iteration, data position, scheduler, config, tensor layouts
 #   {dir}/iter_{it:07d}/rng_state_{rank}.pt     each rank's RNG streams
 #   {dir}/iter_{it:07d}/metadata.json           Megatron's backend description
+#   {dir}/iter_{it:07d}/checksums.json          size and CRC-32 of every file above, written last
 #
 # Every TP-sharded tensor is written as a DTensor sharded over the TP mesh, so DCP reshards it into any
 # other TP size when it is read. Vocabulary-padded tensors (embedding, output layer) are stored in blocks
 # of --make-vocab-size-divisible-by rows covering only the true vocabulary, which makes their stored
 # shape the same at every TP size. A save goes to a temporary directory that is renamed into place, and
 # only then does the latest pointer move, so a crash at any point leaves the previous checkpoint whole.
+# The checksums catch what the renames cannot: a file truncated or altered after it was published. A
+# damaged latest checkpoint makes load_checkpoint fall back to the newest intact one, with a warning.
+# CRC-32 (zlib, ~1 GB/s per core here, twice sha256's speed) because the threat is storage corruption,
+# not tampering; each rank checks a share of the files, so verifying costs well under a second per GB.
 
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import secrets
 import shutil
 import sys
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +57,8 @@ from megatron_lite.training.state import TrainProgress
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 COMMON_FILENAME = "common.pt"
 METADATA_FILENAME = "metadata.json"
+CHECKSUMS_FILENAME = "checksums.json"
+DCP_METADATA_FILENAME = ".metadata"
 CHECKPOINT_VERSION = 3.0
 # What Megatron writes into a torch_dist checkpoint's metadata.json.
 _BACKEND_METADATA = {
@@ -182,7 +190,13 @@ def save_checkpoint(
             # Under ZeRO each DP rank holds other parameters' states: rank 0 records them all.
             for part in _all_gather_objects(pstate, optim_layouts):
                 layouts.update(part)
-        step.run(lambda: _write_rank_files(shards, tmp, pstate, save_rng=not cfg.no_save_rng))
+        rank_sums: dict[str, dict[str, int]] = {}
+        step.run(
+            lambda: rank_sums.update(_write_rank_files(shards, tmp, pstate, save_rng=not cfg.no_save_rng))
+        )
+        all_sums = {}
+        for part in _all_gather_objects(pstate, rank_sums):
+            all_sums.update(part)
         common = {
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": iteration,
@@ -199,7 +213,7 @@ def save_checkpoint(
             "tensors": layouts,
             "extra_state": dict(extra_state or {}),
         }
-        step.run(lambda: _write_common_files(tmp, common), rank0_only=True)
+        step.run(lambda: _write_common_files(tmp, common, all_sums), rank0_only=True)
         step.run(lambda: _publish(save_dir, tmp, final, iteration, nonce), rank0_only=True)
     except BaseException:
         if pstate.rank == 0:
@@ -276,20 +290,45 @@ def _clean_leftovers(save_dir: Path) -> None:
             shutil.rmtree(entry)
 
 
-def _write_rank_files(shards: dict[str, Any], tmp: Path, pstate: ParallelState, *, save_rng: bool) -> None:
+def _write_rank_files(
+    shards: dict[str, Any], tmp: Path, pstate: ParallelState, *, save_rng: bool
+) -> dict[str, dict[str, int]]:
+    """Write this rank's DCP shards and RNG file; returns their checksums (read back while still cached)."""
     writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
     with _quiet_single_process():
         dcp.save(shards, storage_writer=writer, no_dist=pstate.world_size == 1)
+    mine = sorted(tmp.glob(f"__{pstate.rank}_*.distcp"))
     if save_rng:
         _save_synced(_capture_rng(pstate), tmp / rng_file_name(pstate.rank))
+        mine.append(tmp / rng_file_name(pstate.rank))
+    return {path.name: file_checksum(path) for path in mine}
 
 
-def _write_common_files(tmp: Path, common: dict[str, Any]) -> None:
+def _write_common_files(tmp: Path, common: dict[str, Any], checksums: dict[str, dict[str, int]]) -> None:
+    """Rank 0's files, the checksum manifest last: a directory with a manifest has all its files."""
     _save_synced(common, tmp / COMMON_FILENAME)
     with open(tmp / METADATA_FILENAME, "w") as handle:
         json.dump(_BACKEND_METADATA, handle)
         handle.flush()
         os.fsync(handle.fileno())
+    checksums = dict(checksums)
+    for name in (DCP_METADATA_FILENAME, COMMON_FILENAME, METADATA_FILENAME):
+        checksums[name] = file_checksum(tmp / name)
+    with open(tmp / CHECKSUMS_FILENAME, "w") as handle:
+        json.dump({"algorithm": "crc32", "files": dict(sorted(checksums.items()))}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def file_checksum(path: Path) -> dict[str, int]:
+    """Size and CRC-32 of a file, read in 16 MiB pieces."""
+    crc = 0
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"size": size, "crc32": crc}
 
 
 def _publish(save_dir: Path, tmp: Path, final: Path, iteration: int, nonce: str) -> None:
@@ -388,7 +427,7 @@ def load_checkpoint(
                 f"--load {load_dir} holds no checkpoint ({TRACKER_FILENAME} is missing) and --exit-on-missing-checkpoint is set"
             )
         return None
-    ckpt = _iteration_dir(load_dir, iteration)
+    ckpt, iteration = _newest_intact_checkpoint(load_dir, iteration, pstate)
     common = _read_common(ckpt)
     _check_same_model(MegatronConfig.from_dict(common["args"]), cfg, ckpt)
     load_optim = optimizer is not None and not (cfg.no_load_optim or cfg.finetune)
@@ -429,6 +468,83 @@ def load_checkpoint(
     )
 
 
+def verify_checkpoint(ckpt: str | os.PathLike, pstate: ParallelState | None = None) -> str | None:
+    """The first damaged file of checkpoint directory `ckpt` as one sentence, or None when every file
+    matches checksums.json (or the checkpoint predates checksums). Collective: the ranks split the files."""
+    pstate = pstate or ParallelState()
+    ckpt = Path(ckpt)
+    problems: list[tuple[str, str]] = []
+    manifest_path = ckpt / CHECKSUMS_FILENAME
+    try:
+        manifest = json.loads(manifest_path.read_text())["files"]
+    except FileNotFoundError:
+        manifest = {}
+    except (OSError, ValueError, KeyError, TypeError):
+        manifest = {}
+        problems.append(("", f"{manifest_path} is unreadable or not a checksum list"))
+    for index, (name, expected) in enumerate(sorted(manifest.items())):
+        if index % pstate.world_size == pstate.rank:
+            problem = _check_file(ckpt / name, expected)
+            if problem is not None:
+                problems.append((name, problem))
+    found = sorted(p for part in _all_gather_objects(pstate, problems) for p in part)
+    return found[0][1] if found else None
+
+
+def _check_file(path: Path, expected: dict[str, int]) -> str | None:
+    try:
+        actual = file_checksum(path)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror})"
+    if actual["size"] != expected["size"]:
+        return f"{path} has {actual['size']} bytes, {expected['size']} expected (truncated or overwritten)"
+    if actual["crc32"] != expected["crc32"]:
+        return (
+            f"{path} does not match its checksum (CRC-32 {actual['crc32']:08x}, "
+            f"{expected['crc32']:08x} expected): its contents changed"
+        )
+    return None
+
+
+def _fail_if_damaged(ckpt: Path, pstate: ParallelState) -> None:
+    problem = verify_checkpoint(ckpt, pstate)
+    if problem is not None:
+        fail(f"checkpoint {ckpt} is damaged: {problem}; restore it from a copy or load another iteration")
+
+
+def _newest_intact_checkpoint(load_dir: Path, latest: int, pstate: ParallelState) -> tuple[Path, int]:
+    """The latest checkpoint if intact, else the newest older one that is, with a warning naming what
+    was damaged: an unattended restart loop should resume, but never silently from an older iteration."""
+    ckpt = _iteration_dir(load_dir, latest)
+    problem = verify_checkpoint(ckpt, pstate)
+    if problem is None:
+        return ckpt, latest
+    damaged = [f"iteration {latest}: {problem}"]
+    older = sorted(
+        (int(m.group(1)) for m in map(_ITER_DIR.match, os.listdir(load_dir)) if m is not None),
+        reverse=True,
+    )
+    for iteration in (it for it in older if it < latest):
+        candidate = load_dir / iteration_dir_name(iteration)
+        other = verify_checkpoint(candidate, pstate)
+        if other is None:
+            if pstate.rank == 0:
+                print(
+                    f"warning: checkpoint damaged in {load_dir} ({'; '.join(damaged)}); resuming from "
+                    f"iteration {iteration}, the newest intact checkpoint, and losing the iterations after it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return candidate, iteration
+        damaged.append(f"iteration {iteration}: {other}")
+    fail(
+        f"no intact checkpoint in --load {load_dir} ({'; '.join(damaged)}); restore the damaged files from a "
+        "copy, or move the directory away to start from scratch"
+    )
+
+
 def load_model_weights(
     model: torch.nn.Module,
     ckpt_dir: str | os.PathLike,
@@ -438,6 +554,7 @@ def load_model_weights(
     """Load only the model weights (latest checkpoint unless `iteration`), at any TP size; returns the iteration."""
     pstate = pstate or ParallelState()
     ckpt = _resolve_checkpoint(Path(ckpt_dir), iteration)
+    _fail_if_damaged(ckpt, pstate)
     common = _read_common(ckpt)
     targets, finishers = _model_targets(unwrap_model(model), common["tensors"], pstate, ckpt)
     _read_shards(targets, ckpt, pstate)
@@ -452,6 +569,7 @@ def read_full_tensors(
     """Every stored tensor under `prefix` as one full, unsharded tensor (vocab rows cut to the true
     vocabulary), read in this one process; for converters, inspection and tests."""
     ckpt = _resolve_checkpoint(Path(ckpt_dir), iteration)
+    _fail_if_damaged(ckpt, ParallelState())
     layouts = {
         key: _Layout.from_dict(value)
         for key, value in _read_common(ckpt)["tensors"].items()

@@ -24,6 +24,7 @@ from megatron_lite.errors import UserError, fail
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tokenizer import Tokenizer, build_tokenizer
 from megatron_lite.training.data_samplers import build_mock_datasets, build_pretraining_data_loader
+from megatron_lite.training.fault_tolerance import collective_failures_as_errors
 from megatron_lite.training.grad_utils import (
     LossScaler,
     clip_grad_norm,
@@ -74,11 +75,14 @@ def pretrain(
     logger = TrainingLogger(cfg, pstate)
     exit_signal = ExitSignal()
     try:
-        trainer = Trainer(cfg, pstate, logger, model_provider or _gpt_model_provider)
-        trainer.load()
-        trainer.build_data(tokenizer)
-        exit_signal.install()
-        return trainer.run(exit_signal, start_time)
+        # A rank that dies or stalls makes the others' next collective fail (at the latest after
+        # --distributed-timeout-minutes): one line and a non-zero exit, which torchrun restarts from.
+        with collective_failures_as_errors(pstate, cfg.distributed_timeout_minutes):
+            trainer = Trainer(cfg, pstate, logger, model_provider or _gpt_model_provider)
+            trainer.load()
+            trainer.build_data(tokenizer)
+            exit_signal.install()
+            return trainer.run(exit_signal, start_time)
     finally:
         exit_signal.restore()
         logger.close()
@@ -434,7 +438,8 @@ class Trainer:
                 loss = self._evaluate_and_report(self.valid_iter, f"iteration {self.iteration}", "validation")
                 if loss is not None:
                     self.result.validation_losses.append((self.iteration, loss))
-            if cfg.save_interval and self.iteration % cfg.save_interval == 0:
+            # Not inside a run of non-finite iterations: the last good checkpoint must stay the latest.
+            if cfg.save_interval and self.iteration % cfg.save_interval == 0 and consecutive_skips == 0:
                 self.save()
             reason = self._exit_reason(exit_signal, start_time)
             if reason is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import zlib
 
 import pytest
 import torch
@@ -93,10 +94,24 @@ def test_layout_pointer_and_common_file(tmp_path):
     assert sorted(os.listdir(ckpt)) == [
         ".metadata",
         "__0_0.distcp",
+        "checksums.json",
         "common.pt",
         "metadata.json",
         "rng_state_0.pt",
     ]
+    # The manifest names every other file with its size and zlib CRC-32.
+    manifest = json.loads((ckpt / "checksums.json").read_text())
+    assert manifest["algorithm"] == "crc32"
+    assert sorted(manifest["files"]) == [
+        ".metadata",
+        "__0_0.distcp",
+        "common.pt",
+        "metadata.json",
+        "rng_state_0.pt",
+    ]
+    for name, entry in manifest["files"].items():
+        data = (ckpt / name).read_bytes()
+        assert entry == {"size": len(data), "crc32": zlib.crc32(data)}, name
     assert json.loads((ckpt / "metadata.json").read_text()) == {
         "sharded_backend": "torch_dist",
         "sharded_backend_version": 1,
@@ -227,7 +242,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch, cras
     expected = snapshot(model, optimizer)
     train_steps(model, optimizer, scheduler, cfg, ONE, range(2, 3))
 
-    def crash_after_partial_write(tmp, common):
+    def crash_after_partial_write(tmp, common, checksums):
         # The DCP shards and RNG file are already written; common.pt is half written when we die.
         assert (tmp / "__0_0.distcp").exists() and (tmp / "rng_state_0.pt").exists()
         (tmp / "common.pt").write_bytes(b"\x80\x02half a pickle")

@@ -5,6 +5,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# Rows are processed in chunks of about this many logits (4 MB of fp32), so the several passes each row
+# needs (max, exp, sum, divide) run over data still in cache: at a 50k vocabulary the logits are
+# hundreds of MB, and whole-tensor passes would each stream them from memory again.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if group is None:
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
 
 def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
@@ -12,51 +23,126 @@ def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | N
     return x
 
 
+def _row_chunks(num_rows: int, num_cols: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(1, num_cols))
+    return [slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """loss = log(sum_v exp(x_v - max)) - (x_target - max), with the sums and max over the TP group.
+
+    fp32 logits: the softmax is formed in place of a buffer (the logits themselves when `inplace`), which
+    backward turns, again in place, into the gradient softmax - onehot(target). Lower-precision logits
+    (bf16/fp16 autocast) are never copied to fp32 as a whole: each chunk is widened on the fly, only the
+    per-row max and sum are kept, and backward recomputes the fp32 softmax chunk by chunk and writes the
+    gradient in the logits' dtype (into the logits themselves when `inplace`).
+    """
+
     @staticmethod
-    def forward(ctx, logits, target, group, vocab_size):
-        # logits: [..., V/tp] fp32, this rank's slice of the vocabulary; target: [...] global ids.
+    def forward(ctx, logits, target, group, vocab_size, inplace):
+        # logits: [..., V/tp], this rank's slice of the vocabulary; target: [...] global ids.
         partition = logits.shape[-1]
-        rank = 0 if group is None else dist.get_rank(group)
+        tp_size, rank = _world(group)
         start = rank * partition
         # Padding columns (ids >= the true vocabulary, always at the end) take no probability and get no
         # gradient, so a padded model's loss equals the unpadded one's.
         real = partition if vocab_size is None else max(0, min(partition, vocab_size - start))
 
-        if real > 0:
-            logits_max = logits[..., :real].max(dim=-1).values
-        else:
-            logits_max = logits.new_full(logits.shape[:-1], float("-inf"))
-        _all_reduce(logits_max, dist.ReduceOp.MAX, group)
-        shifted = logits - logits_max.unsqueeze(-1)
-        if real < partition:
-            shifted[..., real:] = float("-inf")
-
+        # [n, V/tp]: an alias of the logits' memory when they are contiguous. Detached, so the in-place
+        # softmax and gradient below are plain tensor writes rather than edits of an autograd view.
+        x = logits.detach().reshape(-1, partition).contiguous()
+        n = x.shape[0]
+        target = target.reshape(-1)
         local_target = target - start
-        outside = (local_target < 0) | (local_target >= partition)
+        outside = (local_target < 0) | (local_target >= real)
         local_target = local_target.masked_fill(outside, 0)
-        predicted = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        predicted = predicted.masked_fill(outside, 0.0)
-        _all_reduce(predicted, dist.ReduceOp.SUM, group)
+        # Read the target logits now: an in-place softmax overwrites them below.
+        target_logit = x.gather(1, local_target.unsqueeze(1)).squeeze(1).float()  # [n]
 
-        exp_logits = shifted.exp_()  # shifted is our own tensor: reuse its memory
-        sum_exp = exp_logits.sum(dim=-1)
-        _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
+        store_softmax = x.dtype == torch.float32
+        if store_softmax:
+            softmax = x if inplace else torch.empty_like(x)
+        chunks = _row_chunks(n, real)
+        row_max = torch.full((n, 1), float("-inf"), dtype=torch.float32, device=x.device)
+        sum_exp = torch.zeros((n, 1), dtype=torch.float32, device=x.device)
+        fused = tp_size == 1  # no global max to wait for: each chunk is finished while in cache
+        if real > 0 and not fused:
+            for rows in chunks:
+                row_max[rows] = torch.amax(x[rows, :real], dim=-1, keepdim=True)
+        _all_reduce(row_max, dist.ReduceOp.MAX, group)
+        if real > 0:
+            scratch = None if store_softmax else torch.empty(
+                (chunks[0].stop - chunks[0].start, real), dtype=torch.float32, device=x.device
+            )
+            for rows in chunks:
+                chunk = x[rows, :real]
+                if fused:
+                    row_max[rows] = torch.amax(chunk, dim=-1, keepdim=True)
+                exp = softmax[rows, :real] if store_softmax else scratch[: rows.stop - rows.start]
+                torch.sub(chunk, row_max[rows], out=exp)
+                exp.exp_()
+                torch.sum(exp, dim=-1, keepdim=True, out=sum_exp[rows])
+                if fused and store_softmax:
+                    exp.div_(sum_exp[rows])
+        predicted = (target_logit - row_max.squeeze(1)).masked_fill_(outside, 0.0)
+        if tp_size > 1:
+            reduced = _all_reduce(torch.cat([sum_exp.squeeze(1), predicted]), dist.ReduceOp.SUM, group)
+            sum_exp, predicted = reduced[:n].unsqueeze(1), reduced[n:]
+            if store_softmax and real > 0:
+                for rows in chunks:
+                    softmax[rows, :real].div_(sum_exp[rows])
+        if store_softmax and real < partition:
+            softmax[:, real:] = 0.0
+        loss = sum_exp.squeeze(1).log() - predicted
 
-        loss = sum_exp.log() - predicted
-        softmax = exp_logits.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, outside)
-        return loss
+        ctx.logits_shape = logits.shape
+        ctx.store_softmax = store_softmax
+        ctx.inplace = inplace
+        ctx.real = real
+        ctx.consumed = False
+        if store_softmax:
+            ctx.save_for_backward(softmax, local_target, outside)
+        else:
+            ctx.save_for_backward(x, local_target, outside, row_max, sum_exp)
+        return loss.view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local_target, outside = ctx.saved_tensors
-        # d loss / d logits = softmax - onehot(target), the onehot only on the rank owning the target.
-        grad = softmax.clone()
-        onehot = (~outside).to(grad.dtype).unsqueeze(-1)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -onehot)
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None
+        if ctx.consumed:
+            raise RuntimeError(
+                "vocab_parallel_cross_entropy turns its saved softmax into the gradient in place, so its "
+                "backward can run only once per forward (no retain_graph)"
+            )
+        ctx.consumed = True
+        grad_rows = grad_loss.reshape(-1, 1).float()  # [n, 1]
+        if ctx.store_softmax:
+            softmax, local_target, outside = ctx.saved_tensors
+            # d loss / d logits = (softmax - onehot(target)) * grad, the onehot only on the owning rank.
+            grad = softmax
+            onehot = (~outside).to(grad.dtype).unsqueeze(-1)
+            grad.scatter_add_(-1, local_target.unsqueeze(-1), -onehot)
+            grad.mul_(grad_rows)
+            return grad.view(ctx.logits_shape), None, None, None, None
+
+        x, local_target, outside, row_max, sum_exp = ctx.saved_tensors
+        real = ctx.real
+        grad = x if ctx.inplace else torch.empty_like(x)
+        if real > 0:
+            chunks = _row_chunks(x.shape[0], real)
+            scratch = torch.empty(
+                (chunks[0].stop - chunks[0].start, real), dtype=torch.float32, device=x.device
+            )
+            onehot = (~outside).to(torch.float32).unsqueeze(-1)
+            for rows in chunks:
+                probs = scratch[: rows.stop - rows.start]
+                torch.sub(x[rows, :real], row_max[rows], out=probs)
+                probs.exp_().div_(sum_exp[rows])
+                probs.scatter_add_(-1, local_target[rows].unsqueeze(-1), -onehot[rows])
+                probs.mul_(grad_rows[rows])
+                grad[rows, :real].copy_(probs)
+        if real < x.shape[1]:
+            grad[:, real:] = 0.0
+        return grad.view(ctx.logits_shape), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -64,11 +150,15 @@ def vocab_parallel_cross_entropy(
     target: torch.Tensor,
     group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
+    *,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Per-token loss from logits sharded on the last dim over the TP group.
 
-    logits: [..., V_padded/tp] (any float dtype; the math is fp32); target: [...] int64 global ids.
-    vocab_size: the true vocabulary; logit columns at or beyond it are padding and are excluded.
-    Returns fp32 loss with target's shape.
+    logits: [..., V_padded/tp] (any float dtype; the math is fp32, and the gradient has the logits'
+    dtype); target: [...] int64 global ids. vocab_size: the true vocabulary; logit columns at or beyond
+    it are padding and are excluded. inplace: the logits are scratch the caller will not read again
+    (GPTModel's output layer); their memory then holds the softmax and then the gradient, which saves
+    allocating two more tensors of the logits' size. Returns fp32 loss with target's shape.
     """
-    return _VocabParallelCrossEntropy.apply(logits.float(), target, group, vocab_size)
+    return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_size, inplace)

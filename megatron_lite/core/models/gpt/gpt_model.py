@@ -118,5 +118,8 @@ class GPTModel(nn.Module):
 
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, self.vocab_size)  # [s, b]
+        # The logits are not used after the loss: it may reuse their memory for softmax and gradient.
+        loss = vocab_parallel_cross_entropy(
+            logits, labels.t(), self.tp_group, self.vocab_size, inplace=True
+        )  # [s, b]
         return loss.t().contiguous()
