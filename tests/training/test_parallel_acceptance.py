@@ -1,6 +1,10 @@
 """Save/load across parallel layouts at the training level: a TP=2 x DP=2 run saved at iteration N resumes
-at TP=2 x DP=2 (bit-exact), TP=2 x DP=1 and TP=1 on the uninterrupted curve and data position; generating
-from its checkpoint in one process gives the live TP=2 model's tokens; TP=2 dropout is seeded."""
+at TP=2 x DP=2 (bit-exact), TP=1 and TP=2 x DP=1 (slow) on the uninterrupted curve and data position;
+generating from its checkpoint in one process gives the live TP=2 model's tokens; TP=2 dropout training
+is seeded and resumes bit-exact (slow).
+
+Measured (CPU, torch 2.13): resumed at TP=1 and at TP=2 x DP=1, the losses after N differ from the
+uninterrupted TP=2 x DP=2 run by at most 1.7e-7 relative; at the same layout by exactly 0."""
 
 from __future__ import annotations
 
@@ -115,19 +119,16 @@ def _tp2_dp2_worker(rank: int, world_size: int, root: str) -> dict:
     return out
 
 
-def _tp2_dp1_worker(rank: int, world_size: int, root: str) -> dict:
-    """Resume from N at TP=2 x DP=1."""
-    return {"resumed": _train(f"--tensor-model-parallel-size 2 --load {root}/at_n", 2)}
-
-
-def _dropout_worker(rank: int, world_size: int, root: str) -> dict:
-    """TP=2 with dropout: twice from scratch (saving at N the first time), then resumed from N."""
-    out = {"runs": [_train(f"{DROPOUT} --save {root}/dropout --save-interval {N}", 2), _train(DROPOUT, 2)]}
+def _two_rank_worker(rank: int, world_size: int, root: str) -> dict:
+    """Resume from N at TP=2 x DP=1; then TP=2 with dropout twice from scratch (saving at N the first
+    time) and once resumed from N."""
+    out = {"resumed": _train(f"--tensor-model-parallel-size 2 --load {root}/at_n", 2)}
+    out["dropout"] = [_train(f"{DROPOUT} --save {root}/dropout --save-interval {N}", 2), _train(DROPOUT, 2)]
     dist.barrier()
     if rank == 0:
         (Path(root) / "dropout" / TRACKER_FILENAME).write_text(str(N))
     dist.barrier()
-    out["resumed"] = _train(f"{DROPOUT} --load {root}/dropout", 2)
+    out["dropout_resumed"] = _train(f"{DROPOUT} --load {root}/dropout", 2)
     return out
 
 
@@ -135,13 +136,13 @@ def _dropout_worker(rank: int, world_size: int, root: str) -> dict:
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("layouts")
     tp2_dp2 = run_distributed(_tp2_dp2_worker, 4, str(root))
-    tp2_dp1 = run_distributed(_tp2_dp1_worker, 2, str(root))
-    return {
-        "root": root,
-        "tp2_dp2": tp2_dp2,
-        "tp2_dp1": tp2_dp1,
-        "tp1": _train(f"--load {root}/at_n", 1),
-    }
+    return {"root": root, "tp2_dp2": tp2_dp2, "tp1": _train(f"--load {root}/at_n", 1)}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(runs) -> list[dict]:
+    """The 2-process runs: a third spawn of processes, so only in the slow tests."""
+    return run_distributed(_two_rank_worker, 2, str(runs["root"]))
 
 
 def _global_samples(ranks: list[dict]) -> list[list]:
@@ -167,7 +168,8 @@ def test_resume_at_the_same_layout_is_bit_exact(runs):
         assert resumed["consumed"] == full["consumed"] == 2 * N * GLOBAL_BATCH
 
 
-def test_resume_at_tp2_dp1_and_tp1_continues_the_curve_and_the_data(runs):
+def _check_resumed_on_the_curve(runs: dict, resumed: list[dict]) -> None:
+    """Resumed at another layout from N: the uninterrupted run's losses (to RTOL), samples and counts."""
     full = runs["tp2_dp2"]
     reference = full[0]["full"]["losses"][N:]
     global_batches = _global_samples([r["full"] for r in full])[N:]
@@ -180,20 +182,25 @@ def test_resume_at_tp2_dp1_and_tp1_continues_the_curve_and_the_data(runs):
     with torch.no_grad():
         frozen_loss = frozen(rows[:, :SEQ], labels=rows[:, SEQ:]).mean().item()
     assert abs(frozen_loss - reference[-1]) / reference[-1] > 100 * RTOL
-    resumed = {"tp2_dp1": runs["tp2_dp1"], "tp1": [runs["tp1"]]}
-    for name, ranks in resumed.items():
-        for rank in ranks:
-            got = rank["resumed"] if "resumed" in rank else rank
-            assert got["iterations"] == list(range(N + 1, 2 * N + 1)), name
-            assert got["losses"] == pytest.approx(reference, rel=RTOL, abs=0), name
-            assert got["consumed"] == 2 * N * GLOBAL_BATCH
-        got_ranks = [r["resumed"] if "resumed" in r else r for r in ranks]
-        assert _global_samples(got_ranks) == global_batches, name
-    # The first line after the resume counts from the checkpoint's consumed samples (last rank prints).
-    for lines in (runs["tp2_dp1"][1]["resumed"]["lines"], runs["tp1"]["lines"]):
-        fields = MEGATRON_LINE.match(lines[0]).groupdict()
-        assert (int(fields["iteration"]), int(fields["consumed"])) == (N + 1, (N + 1) * GLOBAL_BATCH)
-        assert len(lines) == N
+    for got in resumed:
+        assert got["iterations"] == list(range(N + 1, 2 * N + 1))
+        assert got["losses"] == pytest.approx(reference, rel=RTOL, abs=0)
+        assert got["consumed"] == 2 * N * GLOBAL_BATCH
+    assert _global_samples(resumed) == global_batches
+    # The first line after the resume counts from the checkpoint's consumed samples (the last rank prints).
+    lines = resumed[-1]["lines"]
+    fields = MEGATRON_LINE.match(lines[0]).groupdict()
+    assert (int(fields["iteration"]), int(fields["consumed"])) == (N + 1, (N + 1) * GLOBAL_BATCH)
+    assert len(lines) == N
+
+
+def test_resume_at_tp1_continues_the_curve_and_the_data(runs):
+    _check_resumed_on_the_curve(runs, [runs["tp1"]])
+
+
+@pytest.mark.slow
+def test_resume_at_tp2_dp1_continues_the_curve_and_the_data(runs, two_rank_runs):
+    _check_resumed_on_the_curve(runs, [rank["resumed"] for rank in two_rank_runs])
 
 
 def test_generate_py_from_the_tp2_dp2_checkpoint_matches_the_live_tp2_model(runs):
@@ -234,12 +241,11 @@ def test_generate_py_from_the_tp2_dp2_checkpoint_matches_the_live_tp2_model(runs
 # The model-level test (tests/core/models/gpt/test_gpt_tensor_parallel.py) already checks that TP=2
 # dropout masks are seeded; this adds the optimizer steps and the RNG restore of a resume.
 @pytest.mark.slow
-def test_tp2_dropout_training_is_seeded_and_resumes_bit_exact(runs, tmp_path):
-    results = run_distributed(_dropout_worker, 2, str(tmp_path))
-    for rank in results:
-        first, second = rank["runs"]
+def test_tp2_dropout_training_is_seeded_and_resumes_bit_exact(runs, two_rank_runs):
+    for rank in two_rank_runs:
+        first, second = rank["dropout"]
         assert first["losses"] == second["losses"]
-        assert rank["resumed"]["losses"] == first["losses"][N:]
+        assert rank["dropout_resumed"]["losses"] == first["losses"][N:]
     # Dropout is really on: the curve differs from the dropout-free run at the same layout.
     no_dropout = runs["tp2_dp2"][0]["full"]["losses"]
-    assert _max_rel(results[0]["runs"][0]["losses"], no_dropout) > 100 * RTOL
+    assert _max_rel(two_rank_runs[0]["dropout"][0]["losses"], no_dropout) > 100 * RTOL

@@ -6,6 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import run_distributed
 
+from megatron_lite.core.tensor_parallel import cross_entropy as ce_module
 from megatron_lite.core.tensor_parallel import split_for_rank, vocab_parallel_cross_entropy
 
 S, B, V = 5, 3, 10
@@ -76,11 +77,13 @@ def _ce_worker(rank, world_size):
     target = TARGET.clamp(max=8)
     # 4 true columns padded to 10: rank 1's whole shard is padding.
     tiny = split_for_rank(LOGITS, 2, rank, 2)
-    return {
+    out = {
         "plain": plain,
         "padded": _ours(padded, target, group, vocab_size=9),
         "tiny": _ours(tiny, TARGET % 4, group, vocab_size=4),
     }
+    out.update(_chunked_ce_worker(rank, world_size))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +111,110 @@ def test_a_rank_holding_only_padding(results):
         loss, grad = got["tiny"]
         torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
         torch.testing.assert_close(grad, split_for_rank(expected_grad, 2, rank, 2), atol=1e-6, rtol=0)
+
+
+# ---- the chunked and in-place paths -------------------------------------------------------------------
+# LOGITS has 15 rows of 10 columns; a chunk of 20 elements is 2 rows, so rows go in 8 chunks (the last
+# one short), which exercises the chunk loop the way a 50k vocabulary does with real sizes.
+SMALL_CHUNK = 20
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(ce_module, "_CHUNK_ELEMENTS", SMALL_CHUNK)
+
+
+def _run(logits, target, *, inplace, vocab_size=None, group=None):
+    leaf = logits.clone().requires_grad_(True)
+    scratch = leaf * 1  # a non-leaf the loss may overwrite, like the output layer's matmul result
+    loss = vocab_parallel_cross_entropy(scratch, target, group, vocab_size, inplace=inplace)
+    loss.backward(UPSTREAM)
+    return loss.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_chunked_fp32_matches_torch_in_value_and_gradient(small_chunks, inplace):
+    loss, grad = _run(LOGITS, TARGET, inplace=inplace)
+    ref_loss, ref_grad = _reference(LOGITS, TARGET)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_chunked_bf16_matches_fp32_math_on_the_bf16_values(small_chunks, inplace):
+    """bf16 logits: the loss and gradient are the fp32 ones of the bf16 values, the gradient rounded once."""
+    logits = LOGITS.bfloat16()
+    loss, grad = _run(logits, TARGET, inplace=inplace)
+    ref_loss, ref_grad = _reference(logits.float(), TARGET)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad, ref_grad.bfloat16(), atol=0, rtol=0)
+
+
+def test_chunked_padding_with_inplace_gives_zero_gradient_to_padding(small_chunks):
+    padded = torch.cat([LOGITS, torch.full((S, B, 2), 50.0)], dim=-1)
+    for logits in (padded, padded.bfloat16()):
+        loss, grad = _run(logits, TARGET, inplace=True, vocab_size=V)
+        ref_loss, ref_grad = _reference(logits[..., :V].float(), TARGET)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+        torch.testing.assert_close(grad[..., :V].float(), ref_grad, atol=2e-3, rtol=0)
+        assert torch.count_nonzero(grad[..., V:]) == 0
+
+
+def test_inplace_reuses_the_logits_memory_and_leaves_non_inplace_input_untouched():
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = LOGITS.to(dtype).clone().requires_grad_(True)
+        scratch = logits * 1
+        pointer = scratch.data_ptr()
+        loss = vocab_parallel_cross_entropy(scratch, TARGET, inplace=True)
+        grads = torch.autograd.grad(loss, scratch, UPSTREAM)
+        assert grads[0].data_ptr() == pointer  # the gradient lives where the logits were
+
+        kept = LOGITS.to(dtype).clone().requires_grad_(True)
+        loss = vocab_parallel_cross_entropy(kept, TARGET)
+        loss.backward(UPSTREAM)
+        assert torch.equal(kept.detach(), LOGITS.to(dtype))
+
+
+def test_second_backward_through_the_consumed_softmax_is_an_error():
+    logits = LOGITS.clone().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(logits, TARGET)
+    loss.backward(UPSTREAM, retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward can run only once"):
+        loss.backward(UPSTREAM)
+
+
+def _chunked_ce_worker(rank, world_size):
+    # Runs inside _ce_worker's processes (one spawn for the module).
+    ce_module._CHUNK_ELEMENTS = SMALL_CHUNK // 2  # shards have half the columns: keep 8 chunks
+    group = dist.group.WORLD
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        shard = split_for_rank(LOGITS, 2, rank, 2).to(dtype)
+        padded = split_for_rank(torch.cat([LOGITS[..., :9], torch.full((S, B, 1), 80.0)], -1), 2, rank, 2)
+        out[name] = _run(shard, TARGET, inplace=True, group=group)
+        out[name + "-padded"] = _run(padded.to(dtype), TARGET.clamp(max=8), inplace=True, vocab_size=9, group=group)
+    return out
+
+
+def test_chunked_tensor_parallel_matches_full_vocab(results):
+    ref_loss, ref_grad = _reference(LOGITS, TARGET)
+    pad_loss, pad_grad = _reference(LOGITS[..., :9], TARGET.clamp(max=8))
+    pad_grad = torch.cat([pad_grad, torch.zeros(S, B, 1)], dim=-1)
+    bf16_loss, bf16_grad = _reference(LOGITS.bfloat16().float(), TARGET)
+    bf16_pad_loss, bf16_pad_grad = _reference(LOGITS[..., :9].bfloat16().float(), TARGET.clamp(max=8))
+    bf16_pad_grad = torch.cat([bf16_pad_grad, torch.zeros(S, B, 1)], dim=-1)
+    for rank, got in enumerate(results):
+        loss, grad = got["fp32"]
+        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, split_for_rank(ref_grad, 2, rank, 2), atol=1e-6, rtol=0)
+        loss, grad = got["fp32-padded"]
+        torch.testing.assert_close(loss, pad_loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, split_for_rank(pad_grad, 2, rank, 2), atol=1e-6, rtol=0)
+        loss, grad = got["bf16"]
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(loss, bf16_loss, atol=1e-5, rtol=0)
+        torch.testing.assert_close(grad, split_for_rank(bf16_grad, 2, rank, 2).bfloat16(), atol=0, rtol=0)
+        loss, grad = got["bf16-padded"]
+        torch.testing.assert_close(loss, bf16_pad_loss, atol=1e-5, rtol=0)
+        torch.testing.assert_close(grad, split_for_rank(bf16_pad_grad, 2, rank, 2).bfloat16(), atol=0, rtol=0)
