@@ -75,12 +75,16 @@ class DotProductAttention(nn.Module):
         if repeat > 1:  # query heads of one group are adjacent: head i uses group i // repeat
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
-        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale  # [b, heads, sq, sk]
+        # scores is a fresh [b, heads, sq, sk] tensor that the matmul's backward does not need, so the
+        # scale and the mask are applied in place: two fewer tensors of the largest size in attention.
+        scores = torch.matmul(q, k.transpose(-2, -1))  # [b, heads, sq, sk]
+        scores.mul_(self.scale)
         if keep is None:
             sq = q.shape[2]
             keep = torch.ones(sq, sq, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        scores.masked_fill_(~keep, float("-inf"))
+        # fp32 softmax (Megatron's softmax_in_fp32); dtype= widens inside the op, no separate copy.
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         probs = self.attention_dropout(probs)
         return torch.matmul(probs, v)  # [b, heads, sq, d]
 
