@@ -80,6 +80,7 @@ def initialize_parallel(
             backend=backend,
             timeout=timeout,
             device_id=torch_device if torch_device.type == "cuda" else None,
+            **_restart_store(timeout),
         )
     world_size = dist.get_world_size()
     tp = tensor_model_parallel_size
@@ -103,6 +104,26 @@ def initialize_parallel(
         mesh=mesh,
         device=torch_device,
     )
+
+
+def _restart_store(timeout: datetime.timedelta) -> dict[str, object]:
+    """Under torchrun's agent store, this attempt's own key space in it (init_process_group arguments).
+
+    torchrun keeps one store for all restarts. Without a prefix a restarted rank can read a key a
+    dead worker of the previous attempt left (its gloo address) and fail to connect; observed with
+    torch 2.13 and both static and c10d rendezvous. Empty (torch's env:// default) outside torchrun.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {
+        "store": dist.PrefixStore(f"megatron_lite/attempt_{attempt}/", store),
+        "rank": int(os.environ["RANK"]),
+        "world_size": int(os.environ["WORLD_SIZE"]),
+    }
 
 
 def _subgroup_timeouts(backend: str, timeout: datetime.timedelta) -> dict[str, tuple[str, object]] | None:

@@ -124,7 +124,9 @@ def test_sigkill_of_a_rank_restarts_and_resumes_with_identical_losses(tmp_path, 
     reached = iterations[restart - 1]
     assert reached >= kill_after and iterations[:restart] == list(range(1, reached + 1))
     resumed_at = iterations[restart] - 1
-    assert resumed_at == reached // 2 * 2  # the last checkpoint (--save-interval 2) before the kill
+    # A checkpoint (--save-interval 2) from just before the kill; the kill may land before or during
+    # the save of the iteration the watcher saw.
+    assert resumed_at % 2 == 0 and reached - 2 <= resumed_at <= reached
     assert f"> resuming from {ckpt} at iteration {resumed_at}, {resumed_at * 8} consumed samples" in text
     # Every iteration up to the kill, then the replayed ones from the checkpoint on: nothing skipped.
     assert iterations[restart:] == list(range(resumed_at + 1, 9))
