@@ -69,6 +69,9 @@ CONFIGS = {
         vocab=50257,
     ),
 }
+# Steps per config when not given: (warm-up, timed windows, profiled steps). A gpt2-124m step takes
+# 15-30 s on a 2-core CPU, so it gets fewer.
+DEFAULT_STEPS = {"cpu-small": (2, 5, 2), "gpt2-124m": (1, 3, 1)}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -420,8 +423,10 @@ def main() -> None:
         "native bf16); a CPU without them runs bf16 10-20x slower than fp32 and would take many minutes.",
     )
     parser.add_argument("--iters", type=int, default=1, help="Training steps per timed window.")
-    parser.add_argument("--windows", type=int, default=5, help="Timed windows per model (median reported).")
-    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per model first.")
+    parser.add_argument(
+        "--windows", type=int, help="Timed windows per model, median reported (default 5; gpt2-124m 3)."
+    )
+    parser.add_argument("--warmup", type=int, help="Untimed steps per model first (default 2; gpt2-124m 1).")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads.")
     parser.add_argument("--micro-batch-size", type=int, help="Override the config's micro batch.")
     parser.add_argument(
@@ -440,10 +445,13 @@ def main() -> None:
     parser.add_argument(
         "--breakdown-steps",
         type=int,
-        default=2,
-        help="Profiled steps per model for the time breakdown (0: no breakdown).",
+        help="Profiled steps per model for the time breakdown, 0 for none (default 2; gpt2-124m 1).",
     )
     args = parser.parse_args()
+    warmup, windows, breakdown = DEFAULT_STEPS[args.config]
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.windows = windows if args.windows is None else args.windows
+    args.breakdown_steps = breakdown if args.breakdown_steps is None else args.breakdown_steps
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = build_config(args.config, args.micro_batch_size, bf16=False)

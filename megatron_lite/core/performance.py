@@ -77,7 +77,9 @@ def configure_matmul_precision(
         dist.broadcast(index, src=dist.get_global_rank(group, 0), group=group)
         if PRECISIONS[int(index.item())] != precision:
             precision = PRECISIONS[int(index.item())]
-            description = f"fp32 matmul precision: {precision} (rank 0's choice; this rank alone: {description})"
+            description = (
+                f"fp32 matmul precision: {precision} (rank 0's choice; this rank alone: {description})"
+            )
     torch.set_float32_matmul_precision(precision)
     return description
 

@@ -193,7 +193,9 @@ def _chunked_ce_worker(rank, world_size):
         shard = split_for_rank(LOGITS, 2, rank, 2).to(dtype)
         padded = split_for_rank(torch.cat([LOGITS[..., :9], torch.full((S, B, 1), 80.0)], -1), 2, rank, 2)
         out[name] = _run(shard, TARGET, inplace=True, group=group)
-        out[name + "-padded"] = _run(padded.to(dtype), TARGET.clamp(max=8), inplace=True, vocab_size=9, group=group)
+        out[name + "-padded"] = _run(
+            padded.to(dtype), TARGET.clamp(max=8), inplace=True, vocab_size=9, group=group
+        )
     return out
 
 
