@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,17 +30,19 @@ MIN_SPEEDUP = 1.10
 _SHAPE = (2048, 1024, 512)
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# measure(precision, device, timed) -> PathMeasurement; injectable for tests.
+Measure = Callable[[str, torch.device, bool], "PathMeasurement"]
 
 
 @dataclass(frozen=True)
 class PathMeasurement:
-    """One fp32 matmul path as measured here: its best time for the probe products, its error, and a
-    digest of its result bits (two settings with equal digests run the same kernel)."""
+    """One fp32 matmul path as measured here: its error against float64, a digest of its result bits
+    (equal digests: the setting did not change the kernel), and, when timed, its best time."""
 
     precision: str
-    seconds: float
     relative_error: float
-    digest: str = ""
+    digest: str
+    seconds: float = math.nan
 
     @property
     def gflops(self) -> float:
@@ -62,10 +65,11 @@ def configure_matmul_precision(
 ) -> str:
     """Set torch's fp32 matmul precision by `policy` and return a one-line description to log.
 
-    auto: keep torch's default ("highest") unless "medium" (or "high") measures at least MIN_SPEEDUP
-    times faster on training-shaped products AND its error against float64 stays at fp32 level
-    (<= FP32_MAX_RELATIVE_ERROR); a path with TF32- or bf16-level error is never picked silently.
-    highest / high / medium: set exactly that; its error is measured and reported all the same.
+    auto: keep torch's default ("highest") unless "high" or "medium" changes the kernel, keeps the error
+    against float64 at fp32 level (<= FP32_MAX_RELATIVE_ERROR) AND measures at least MIN_SPEEDUP times
+    faster on training-shaped products; a TF32- or bf16-level path is never picked silently. Settings
+    that leave the results bit-identical (the same kernel) are not timed, so on most machines this
+    costs a few small products. highest / high / medium: set exactly that; its error is reported.
     With a process group, rank 0's choice is used on every rank, so replicas compute alike.
     Measured once per (device, thread count, policy) and process.
     """
@@ -85,9 +89,7 @@ def configure_matmul_precision(
 
 
 def select_matmul_precision(
-    device: torch.device,
-    policy: str = "auto",
-    measure: Callable[[str, torch.device], PathMeasurement] | None = None,
+    device: torch.device, policy: str = "auto", measure: Measure | None = None
 ) -> MatmulChoice:
     """The choice configure_matmul_precision makes, without applying it (`measure` is for tests)."""
     if policy not in POLICIES:
@@ -95,28 +97,40 @@ def select_matmul_precision(
     key = (str(device), torch.get_num_threads(), policy)
     if measure is None and key in _CACHE:
         return _CACHE[key]
-    measure = measure or measure_matmul_path
     previous = torch.get_float32_matmul_precision()
     try:
-        if policy != "auto":
-            m = measure(policy, device)
-            quality = "fp32-level" if m.relative_error <= FP32_MAX_RELATIVE_ERROR else "NOT fp32-level"
-            choice = MatmulChoice(
-                policy,
-                f"fp32 matmul precision: {policy} (set explicitly; {_describe(m)}, {quality} error)",
-                (m,),
-            )
-        else:
-            # Interleave the candidates twice and keep each one's best, so a burst of load on a shared
-            # machine does not decide the comparison.
-            rounds = [[measure(p, device) for p in PRECISIONS] for _ in range(2)]
-            best = [min((r[i] for r in rounds), key=lambda m: m.seconds) for i in range(len(PRECISIONS))]
-            choice = choose_matmul_precision(best[0], best[1:])
+        choice = _select(device, policy, measure or measure_matmul_path)
     finally:
         torch.set_float32_matmul_precision(previous)
-    if measure is measure_matmul_path:
+    if measure is None:
         _CACHE[key] = choice
     return choice
+
+
+def _select(device: torch.device, policy: str, measure: Measure) -> MatmulChoice:
+    if policy != "auto":
+        m = measure(policy, device, False)
+        quality = "fp32-level" if m.relative_error <= FP32_MAX_RELATIVE_ERROR else "NOT fp32-level"
+        text = f"fp32 matmul precision: {policy} (set explicitly; {_describe(m)}, {quality} error)"
+        return MatmulChoice(policy, text, (m,))
+    probes = [measure(p, device, False) for p in PRECISIONS]
+    baseline = probes[0]
+    contenders = [
+        m.precision
+        for m in probes[1:]
+        if m.digest != baseline.digest and m.relative_error <= FP32_MAX_RELATIVE_ERROR
+    ]
+    if contenders:
+        # Interleave the timed paths twice and keep each one's best, so a burst of load on a shared
+        # machine does not decide the comparison.
+        timed: dict[str, PathMeasurement] = {}
+        for _ in range(2):
+            for precision in ("highest", *contenders):
+                m = measure(precision, device, True)
+                if precision not in timed or m.seconds < timed[precision].seconds:
+                    timed[precision] = m
+        probes = [timed.get(m.precision, m) for m in probes]
+    return choose_matmul_precision(probes[0], probes[1:])
 
 
 def choose_matmul_precision(
@@ -125,34 +139,38 @@ def choose_matmul_precision(
     min_speedup: float = MIN_SPEEDUP,
     max_error: float = FP32_MAX_RELATIVE_ERROR,
 ) -> MatmulChoice:
-    """The fastest candidate that beats the baseline by min_speedup with fp32-level error, else baseline."""
+    """The fastest candidate that beats the baseline by min_speedup with fp32-level error, else baseline.
+
+    A candidate whose results are bit-identical to the baseline's runs the same kernel and is never
+    chosen, whatever a noisy timing says.
+    """
     winner, notes = baseline, []
     for m in candidates:
-        speedup = baseline.seconds / m.seconds
-        if m.digest and m.digest == baseline.digest:
-            # Bit-identical results: the setting did not change the kernel, whatever the noisy timing says.
+        if m.digest == baseline.digest:
             notes.append(f"{m.precision} not chosen: same results as {baseline.precision} (same kernel)")
         elif m.relative_error > max_error:
             notes.append(f"{m.precision} rejected: {_describe(m)}, error above fp32's {max_error:.0e}")
-        elif speedup < min_speedup:
+        elif not baseline.seconds / m.seconds >= min_speedup:  # also when either was not timed
+            speedup = baseline.seconds / m.seconds
             notes.append(f"{m.precision} not chosen: {_describe(m)}, {speedup:.2f}x < {min_speedup:.2f}x")
         elif m.seconds < winner.seconds:
             winner = m
-    for m in candidates:
-        if m is winner:
-            notes.insert(0, f"{m.precision} chosen: {_describe(m)}, {baseline.seconds / m.seconds:.2f}x")
+    if winner is not baseline:
+        speedup = baseline.seconds / winner.seconds
+        notes.insert(0, f"{winner.precision} chosen: {_describe(winner)}, {speedup:.2f}x")
     base = f"{baseline.precision} (torch default): {_describe(baseline)}"
     description = f"fp32 matmul precision: {winner.precision} (auto; {base}; {'; '.join(notes)})"
     return MatmulChoice(winner.precision, description, (baseline, *candidates))
 
 
-def measure_matmul_path(precision: str, device: torch.device) -> PathMeasurement:
-    """Time the probe products and measure the error of F.linear under `precision`."""
+def measure_matmul_path(precision: str, device: torch.device, timed: bool = True) -> PathMeasurement:
+    """Error and result digest of F.linear under `precision`, and with `timed` its probe-product time."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
         error, digest = _error_and_digest(F.linear, device)
-        return PathMeasurement(precision, _time_linear_products(device), error, digest)
+        seconds = _time_linear_products(device) if timed else math.nan
+        return PathMeasurement(precision, error, digest, seconds)
     finally:
         torch.set_float32_matmul_precision(previous)
 
@@ -185,7 +203,7 @@ def _time_linear_products(device: torch.device, repeats: int = 3) -> float:
         torch.mm(g.t(), x)  # weight gradient
 
     products()  # warm-up: kernel selection, page faults
-    best = float("inf")
+    best = math.inf
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
@@ -196,7 +214,8 @@ def _time_linear_products(device: torch.device, repeats: int = 3) -> float:
 
 
 def _describe(m: PathMeasurement) -> str:
-    return f"{m.gflops:.0f} GFLOP/s, rel. error {m.relative_error:.1e}"
+    speed = "" if math.isnan(m.seconds) else f"{m.gflops:.0f} GFLOP/s, "
+    return f"{speed}rel. error {m.relative_error:.1e}"
 
 
 def _sync(device: torch.device) -> None:

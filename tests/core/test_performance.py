@@ -1,5 +1,7 @@
 """The fp32 matmul path chooser: faster paths are taken only with fp32-level error, and every choice is said."""
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -43,18 +45,18 @@ def test_error_probe_separates_fp32_from_bf16(errors):
 
 
 def test_faster_path_with_bf16_level_error_is_rejected(errors):
-    baseline = PathMeasurement("highest", 1.0, errors["fp32"], "mkl")
-    bf16_path = PathMeasurement("medium", 0.4, errors["bf16"], "onednn-bf16")  # 2.5x faster
+    baseline = PathMeasurement("highest", errors["fp32"], "mkl", seconds=1.0)
+    bf16_path = PathMeasurement("medium", errors["bf16"], "onednn-bf16", seconds=0.4)  # 2.5x faster
     choice = choose_matmul_precision(baseline, [bf16_path])
     assert choice.precision == "highest"
     assert "medium rejected" in choice.description and "error above fp32's 1e-05" in choice.description
 
 
 def test_faster_path_with_fp32_level_error_is_chosen(errors):
-    baseline = PathMeasurement("highest", 1.0, errors["fp32"], "mkl")
+    baseline = PathMeasurement("highest", errors["fp32"], "mkl", seconds=1.0)
     candidates = [
-        PathMeasurement("high", 0.3, errors["bf16"], "tf32"),  # fastest, but not fp32
-        PathMeasurement("medium", 0.45, errors["fp32"] * 2, "onednn-fp32"),
+        PathMeasurement("high", errors["bf16"], "tf32", seconds=0.3),  # fastest, but not fp32
+        PathMeasurement("medium", errors["fp32"] * 2, "onednn-fp32", seconds=0.45),
     ]
     choice = choose_matmul_precision(baseline, candidates)
     assert choice.precision == "medium"
@@ -63,29 +65,47 @@ def test_faster_path_with_fp32_level_error_is_chosen(errors):
 
 
 def test_small_gains_and_unchanged_kernels_are_not_taken(errors):
-    baseline = PathMeasurement("highest", 1.0, errors["fp32"], "mkl")
-    marginal = PathMeasurement("high", 1 / 1.05, errors["fp32"], "other")
-    same_kernel = PathMeasurement("medium", 0.5, errors["fp32"], "mkl")  # noise made it look 2x faster
+    baseline = PathMeasurement("highest", errors["fp32"], "mkl", seconds=1.0)
+    marginal = PathMeasurement("high", errors["fp32"], "other", seconds=1 / 1.05)
+    same_kernel = PathMeasurement(
+        "medium", errors["fp32"], "mkl", seconds=0.5
+    )  # noise made it look 2x faster
     choice = choose_matmul_precision(baseline, [marginal, same_kernel])
     assert choice.precision == "highest"
     assert "1.05x < 1.10x" in choice.description
     assert "medium not chosen: same results as highest (same kernel)" in choice.description
 
 
-def test_auto_measures_every_precision_and_leaves_torch_state_alone(errors):
+def _fake_measure(errors, calls, speeds, kernels):
+    def measure(precision, device, timed):
+        calls.append((precision, timed))
+        error = errors["bf16"] if kernels[precision] == "bf16" else errors["fp32"]
+        return PathMeasurement(precision, error, kernels[precision], speeds[precision] if timed else math.nan)
+
+    return measure
+
+
+def test_auto_times_only_paths_that_change_the_kernel_and_keep_fp32_error(errors):
     calls = []
-
-    def fake_measure(precision, device):
-        calls.append(precision)
-        seconds = {"highest": 1.0, "high": 0.5, "medium": 0.7}[precision]
-        error = errors["bf16"] if precision == "high" else errors["fp32"]
-        return PathMeasurement(precision, seconds, error, precision)
-
+    kernels = {"highest": "mkl", "high": "bf16", "medium": "onednn"}
+    measure = _fake_measure(errors, calls, {"highest": 1.0, "high": 0.5, "medium": 0.7}, kernels)
     torch.set_float32_matmul_precision("high")
-    choice = select_matmul_precision(CPU, "auto", measure=fake_measure)
-    assert choice.precision == "medium"
-    assert sorted(set(calls)) == ["high", "highest", "medium"] and len(calls) == 6  # two rounds
+    choice = select_matmul_precision(CPU, "auto", measure=measure)
+    assert choice.precision == "medium" and "medium chosen: " in choice.description
+    assert "high rejected: rel. error " in choice.description  # bf16-level: rejected untimed
+    probes = [("highest", False), ("high", False), ("medium", False)]
+    assert calls == probes + [("highest", True), ("medium", True)] * 2  # two interleaved rounds
     assert torch.get_float32_matmul_precision() == "high"  # selecting does not apply
+
+
+def test_auto_times_nothing_when_no_setting_changes_the_kernel(errors):
+    calls = []
+    kernels = {"highest": "mkl", "high": "mkl", "medium": "mkl"}
+    measure = _fake_measure(errors, calls, {"highest": 1.0, "high": 0.5, "medium": 0.5}, kernels)
+    choice = select_matmul_precision(CPU, "auto", measure=measure)
+    assert choice.precision == "highest"
+    assert all(not timed for _, timed in calls) and len(calls) == 3
+    assert choice.description.count("(same kernel)") == 2
 
 
 def test_auto_on_this_machine_picks_an_fp32_level_path():
@@ -102,7 +122,10 @@ def test_explicit_policy_is_applied_and_its_error_reported():
     description = configure_matmul_precision(CPU, "medium")
     assert torch.get_float32_matmul_precision() == "medium"
     assert description.startswith("fp32 matmul precision: medium (set explicitly; ")
-    assert "GFLOP/s, rel. error " in description and description.endswith("error)")
+    (measured,) = select_matmul_precision(CPU, "medium").measurements  # cached: the same measurement
+    # Whatever this CPU's "medium" is, the line says whether its error is fp32's.
+    quality = "fp32-level" if measured.relative_error <= FP32_MAX_RELATIVE_ERROR else "NOT fp32-level"
+    assert description.endswith(f"rel. error {measured.relative_error:.1e}, {quality} error)")
     configure_matmul_precision(CPU, "highest")
     assert torch.get_float32_matmul_precision() == "highest"
 
