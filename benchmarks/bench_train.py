@@ -316,11 +316,13 @@ def run_dtype(args: argparse.Namespace, dtype_name: str, device: torch.device, o
         )
     ours = contenders[0]
     for c in contenders[1:]:
-        # The best window is the one least disturbed by other load on a shared machine.
+        # The best window is the one least disturbed by other load on a shared machine; windows of the
+        # same round ran back to back, so their ratio is the least exposed to drifts in that load.
         best_ratio = min(c.window_seconds) / min(ours.window_seconds)
+        paired = statistics.median(t / o for t, o in zip(c.window_seconds, ours.window_seconds))
         print(
             f"  ours / {c.name}: {rates[ours.name] / rates[c.name]:.2f}x (median windows), "
-            f"{best_ratio:.2f}x (best windows)"
+            f"{best_ratio:.2f}x (best windows), {paired:.2f}x (median of same-round pairs)"
         )
     if len(contenders) < 3 and not args.no_hf:
         print("  HF GPT2LMHeadModel: skipped (transformers is not installed)")
