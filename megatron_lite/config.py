@@ -117,6 +117,13 @@ class MegatronConfig:
         group="training",
     )
     compile: bool = _f(False, "Compile the model with torch.compile.", group="training")
+    fp32_matmul_precision: str = _f(
+        "auto",
+        "fp32 matmul path: auto (a faster path only if measured faster and fp32-exact), or torch's "
+        "highest, high or medium (see torch.set_float32_matmul_precision).",
+        choices=["auto", "highest", "high", "medium"],
+        group="training",
+    )
 
     # ---- parallelism -------------------------------------------------------------------------------
     tensor_model_parallel_size: int = _f(1, "Tensor-parallel size.", group="parallel")

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from megatron_lite.config import MegatronConfig
 from megatron_lite.core.datasets.builder import build_train_valid_test_datasets
 from megatron_lite.core.models.gpt import GPTModel
+from megatron_lite.core.performance import configure_matmul_precision
 from megatron_lite.core.tensor_parallel import model_parallel_manual_seed
 from megatron_lite.errors import UserError, fail
 from megatron_lite.parallel_state import ParallelState
@@ -72,7 +73,12 @@ def pretrain(
     start_time = time.monotonic()
     tokenizer = setup_config(cfg, pstate)
     set_random_seed(cfg.seed, pstate)
+    # Before the logger: its MFU peak is measured on the matmul path chosen here.
+    matmul_path = configure_matmul_precision(
+        pstate.device, cfg.fp32_matmul_precision, group=dist.group.WORLD if pstate.is_distributed else None
+    )
     logger = TrainingLogger(cfg, pstate)
+    logger.print(f"> {matmul_path}")
     exit_signal = ExitSignal()
     try:
         # A rank that dies or stalls makes the others' next collective fail (at the latest after

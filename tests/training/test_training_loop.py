@@ -319,3 +319,28 @@ def test_eod_masks_reach_the_model():
     expected = (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
     assert result.losses[0][1] == pytest.approx(expected.item(), rel=1e-6)
     assert 0 < batch["loss_mask"].sum() < 16
+
+
+def test_fp32_matmul_precision_is_applied_and_logged(capsys):
+    try:
+        pretrain(config("--micro-batch-size 2 --train-iters 1 --fp32-matmul-precision high"))
+        line = next(t for t in capsys.readouterr().out.splitlines() if "fp32 matmul precision" in t)
+        assert line.startswith("> fp32 matmul precision: high (set explicitly; rel. error ")
+        assert torch.get_float32_matmul_precision() == "high"
+        # auto: whatever this machine's measurement picks is logged and applied.
+        pretrain(config("--micro-batch-size 2 --train-iters 1"))
+        line = next(t for t in capsys.readouterr().out.splitlines() if "fp32 matmul precision" in t)
+        chosen = torch.get_float32_matmul_precision()
+        assert line.startswith(f"> fp32 matmul precision: {chosen} (auto; highest (torch default)")
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager():
+    # torch.compile (inductor, system C compiler on CPU) fuses elementwise ops, which may reorder float
+    # sums: equal to eager within fp32 rounding, and it must really train the same model.
+    eager = pretrain(config("--micro-batch-size 2 --train-iters 4"))
+    compiled = pretrain(config("--micro-batch-size 2 --train-iters 4 --compile"))
+    a, b = [v for _, v in eager.losses], [v for _, v in compiled.losses]
+    assert b == pytest.approx(a, rel=1e-5, abs=0)
