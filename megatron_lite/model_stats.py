@@ -175,19 +175,32 @@ def activation_bytes_per_layer(
     s, b, h = cfg.seq_length, micro_batch_size, cfg.hidden_size
     tp = cfg.tensor_model_parallel_size
     a, g, kv, ffn = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels, cfg.ffn_hidden_size
-    elem = 2 if (cfg.bf16 or cfg.fp16) else 4
-    hidden_mask = 1 if cfg.hidden_dropout > 0 else 0
-    attn_mask = 1 if cfg.attention_dropout > 0 else 0
+    elem = _element_bytes(cfg)
+    hidden_mask = _mask_bytes(cfg.hidden_dropout)
+    attn_mask = _mask_bytes(cfg.attention_dropout)
 
-    outside = s * b * h * (4 * elem + 2 * hidden_mask)
-    if cfg.sequence_parallel:
-        outside /= tp
+    outside = s * b * h * (4 * elem + 2 * hidden_mask) / _sequence_shards(cfg)
     mlp_columns = 4 * ffn if cfg.swiglu else 2 * ffn
     inside = s * b * elem * ((a + 2 * g) * kv + a * kv + mlp_columns) / tp
     scores = 0.0
     if attention_keeps_probabilities(cfg, unfused_attention):
         scores = a * s * s * b * (2 * elem + attn_mask) / tp
     return outside + inside + scores
+
+
+def _element_bytes(cfg: MegatronConfig) -> int:
+    """Bytes of one activation: 16-bit under --bf16/--fp16 autocast, else fp32."""
+    return 2 if (cfg.bf16 or cfg.fp16) else 4
+
+
+def _mask_bytes(dropout: float) -> int:
+    """Bytes per element of a dropout mask: 1, or 0 when the dropout is off and keeps none."""
+    return 1 if dropout > 0 else 0
+
+
+def _sequence_shards(cfg: MegatronConfig) -> int:
+    """How many ranks split the activations outside the TP region: tp with sequence parallelism, else 1."""
+    return cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
 
 
 def attention_keeps_probabilities(cfg: MegatronConfig, unfused_attention: bool) -> bool:
@@ -218,9 +231,9 @@ def estimate_activations(
     """
     s, b, h = cfg.seq_length, micro_batch_size, cfg.hidden_size
     tp = cfg.tensor_model_parallel_size
-    elem = 2 if (cfg.bf16 or cfg.fp16) else 4
+    elem = _element_bytes(cfg)
     layer_bytes = activation_bytes_per_layer(cfg, b, unfused_attention=unfused_attention)
-    layer_input = s * b * h * elem / (tp if cfg.sequence_parallel else 1)
+    layer_input = s * b * h * elem / _sequence_shards(cfg)
     n = cfg.num_layers
     if cfg.recompute_granularity == "full":
         k = cfg.recompute_num_layers
@@ -233,8 +246,7 @@ def estimate_activations(
             layers = k * layer_input + max(n - k, 1) * layer_bytes
     else:
         layers = n * layer_bytes
-    hidden_mask = 1 if cfg.hidden_dropout > 0 else 0
-    edge = s * b * h * (hidden_mask + 2 * elem) / (tp if cfg.sequence_parallel else 1)
+    edge = s * b * h * (_mask_bytes(cfg.hidden_dropout) + 2 * elem) / _sequence_shards(cfg)
     edge += 4 * s * b * cfg.padded_vocab_size / tp
     return ActivationEstimate(
         per_layer=layer_bytes,

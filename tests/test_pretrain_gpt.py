@@ -1,35 +1,19 @@
 """pretrain_gpt.py as users run it: Megatron's log lines, one-line errors, clean exits, torchrun."""
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from dist_utils import free_port
+from helpers import PRETRAIN_GPT, ROOT, run_python, start_python, tiny_flags, torchrun_args
 from training.megatron_log import VALIDATION_LINE, parse_lines
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = (
-    "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --micro-batch-size 2 "
-    "--mock-data --vocab-size 100 --num-workers 0 --peak-tflops 1 --lr 1e-3"
-).split()
-
-
-def env_for(tmp_path: Path) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+TINY = tiny_flags(vocab_size=100, num_workers=0, peak_tflops=1)
 
 
 def run(args: list[str], tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "pretrain_gpt.py"), *args],
-        cwd=tmp_path,
-        env=env_for(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_python([PRETRAIN_GPT, *args], tmp_path, timeout=timeout)
 
 
 def test_trains_and_prints_megatrons_lines(tmp_path):
@@ -85,14 +69,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
         TINY
         + f"--train-iters 100000 --log-interval 1 --eval-iters 0 --save {ckpt} --save-interval 100000".split()
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "pretrain_gpt.py"), *args],
-        cwd=tmp_path,
-        env=env_for(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_python([PRETRAIN_GPT, *args], tmp_path)
     out = []
     for line in proc.stdout:
         out.append(line)
@@ -110,22 +87,9 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_dp2_logs_once_from_the_last_rank(tmp_path):
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc-per-node=2",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        str(ROOT / "pretrain_gpt.py"),
-        *TINY,
-        *"--global-batch-size 8 --train-iters 4 --log-interval 2 --eval-iters 0".split(),
-    ]
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=300
-    )
+    args = TINY + "--global-batch-size 8 --train-iters 4 --log-interval 2 --eval-iters 0".split()
+    rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+    proc = run_python(torchrun_args(PRETRAIN_GPT, args, launcher_flags=rendezvous), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = parse_lines(proc.stdout)
     assert [(f["iteration"], f["consumed"]) for f in lines] == [("2", "16"), ("4", "32")]
@@ -136,25 +100,10 @@ def test_torchrun_dp2_logs_once_from_the_last_rank(tmp_path):
 def test_megatron_seed_command_runs(tmp_path):
     # The seed command of Megatron's docs (GPT-2 124M shape, seq 1024) as written, on the bundled Milton
     # corpus preprocessed to my_data_text_document, with the training flags the command leaves to "...".
-    prep = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "preprocess_data.py"),
-            "--input",
-            str(ROOT / "data" / "milton.jsonl.gz"),
-            "--output-prefix",
-            "my_data",
-            "--tokenizer-type",
-            "GPT2BPETokenizer",
-            "--append-eod",
-            "--workers",
-            "1",
-        ],
-        cwd=tmp_path,
-        env=env_for(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    prep = run_python(
+        [ROOT / "tools" / "preprocess_data.py", "--input", ROOT / "data" / "milton.jsonl.gz"]
+        + "--output-prefix my_data --tokenizer-type GPT2BPETokenizer --append-eod --workers 1".split(),
+        tmp_path,
     )
     assert prep.returncode == 0, prep.stderr
     seed = (

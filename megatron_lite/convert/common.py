@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from megatron_lite.config import MegatronConfig
 from megatron_lite.errors import fail
 
 INSTALL_HINT = "pip install -e .[hf]"
@@ -106,6 +107,10 @@ class TensorSource:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
+    def take_bias(self, name: str, size: int, present: bool) -> torch.Tensor:
+        """The bias `name` of `size` when the source has it (`present`), else zeros for a target that needs one."""
+        return self.take(name, (size,)) if present else zeros_like_bias(size)
+
     def unused(self) -> list[str]:
         return sorted(set(self.tensors) - self.taken)
 
@@ -113,3 +118,16 @@ class TensorSource:
 def zeros_like_bias(size: int) -> torch.Tensor:
     """A bias the target format requires but the source model does not have: zero is the same function."""
     return torch.zeros(size, dtype=torch.float32)
+
+
+def output_layer_from_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Tensor]:
+    """output_layer.weight from lm_head.weight when cfg is untied, else nothing.
+
+    A tied HF model may still store lm_head.weight; HF itself replaces it by the word embeddings on load,
+    so it is taken (counted as used) and dropped.
+    """
+    if cfg.untie_embeddings_and_output_weights:
+        return {"output_layer.weight": src.take("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))}
+    if src.has("lm_head.weight"):
+        src.take("lm_head.weight")
+    return {}

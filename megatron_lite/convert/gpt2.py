@@ -14,8 +14,8 @@ from megatron_lite.convert.common import (
     dtype_field,
     make_hf_config,
     merge_qkv,
+    output_layer_from_hf,
     split_qkv,
-    zeros_like_bias,
 )
 from megatron_lite.errors import fail
 
@@ -87,9 +87,6 @@ def weights_to_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Ten
     """Full megatron-lite tensors -> GPT2LMHeadModel's state dict (tied: no lm_head.weight)."""
     h, ffn, heads, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.kv_channels
 
-    def bias(name: str, present: bool, size: int) -> torch.Tensor:
-        return src.take(name, (size,)) if present else zeros_like_bias(size)
-
     out = {
         "transformer.wte.weight": src.take("embedding.word_embeddings.weight", (cfg.vocab_size, h)),
         "transformer.wpe.weight": src.take(
@@ -102,16 +99,18 @@ def weights_to_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Ten
         out[hf + "ln_1.bias"] = src.take(ours + "input_layernorm.bias", (h,))
         qkv = src.take(ours + "self_attention.linear_qkv.weight", (3 * h, h))
         out[hf + "attn.c_attn.weight"] = torch.cat(split_qkv(qkv, heads, heads, d)).t()
-        qkv_bias = bias(ours + "self_attention.linear_qkv.bias", cfg.qkv_bias, 3 * h)
+        qkv_bias = src.take_bias(ours + "self_attention.linear_qkv.bias", 3 * h, cfg.qkv_bias)
         out[hf + "attn.c_attn.bias"] = torch.cat(split_qkv(qkv_bias, heads, heads, d))
         out[hf + "attn.c_proj.weight"] = src.take(ours + "self_attention.linear_proj.weight", (h, h)).t()
-        out[hf + "attn.c_proj.bias"] = bias(ours + "self_attention.linear_proj.bias", cfg.add_bias_linear, h)
+        out[hf + "attn.c_proj.bias"] = src.take_bias(
+            ours + "self_attention.linear_proj.bias", h, cfg.add_bias_linear
+        )
         out[hf + "ln_2.weight"] = src.take(ours + "pre_mlp_layernorm.weight", (h,))
         out[hf + "ln_2.bias"] = src.take(ours + "pre_mlp_layernorm.bias", (h,))
         out[hf + "mlp.c_fc.weight"] = src.take(ours + "mlp.linear_fc1.weight", (ffn, h)).t()
-        out[hf + "mlp.c_fc.bias"] = bias(ours + "mlp.linear_fc1.bias", cfg.add_bias_linear, ffn)
+        out[hf + "mlp.c_fc.bias"] = src.take_bias(ours + "mlp.linear_fc1.bias", ffn, cfg.add_bias_linear)
         out[hf + "mlp.c_proj.weight"] = src.take(ours + "mlp.linear_fc2.weight", (h, ffn)).t()
-        out[hf + "mlp.c_proj.bias"] = bias(ours + "mlp.linear_fc2.bias", cfg.add_bias_linear, h)
+        out[hf + "mlp.c_proj.bias"] = src.take_bias(ours + "mlp.linear_fc2.bias", h, cfg.add_bias_linear)
     out["transformer.ln_f.weight"] = src.take("decoder.final_layernorm.weight", (h,))
     out["transformer.ln_f.bias"] = src.take("decoder.final_layernorm.bias", (h,))
     return out
@@ -192,8 +191,5 @@ def weights_from_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.T
         out[ours + "mlp.linear_fc2.bias"] = src.take(hf + "mlp.c_proj.bias", (h,))
     out["decoder.final_layernorm.weight"] = src.take("ln_f.weight", (h,))
     out["decoder.final_layernorm.bias"] = src.take("ln_f.bias", (h,))
-    if cfg.untie_embeddings_and_output_weights:
-        out["output_layer.weight"] = src.take("lm_head.weight", (cfg.vocab_size, h))
-    elif src.has("lm_head.weight"):
-        src.take("lm_head.weight")  # tied: HF itself replaces it by wte.weight on load
+    out.update(output_layer_from_hf(src, cfg))
     return out

@@ -14,8 +14,8 @@ from megatron_lite.convert.common import (
     dtype_field,
     make_hf_config,
     merge_qkv,
+    output_layer_from_hf,
     split_qkv,
-    zeros_like_bias,
 )
 from megatron_lite.errors import fail
 
@@ -100,9 +100,6 @@ def weights_to_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Ten
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups
     attention_bias, mlp_bias = cfg.qkv_bias or cfg.add_bias_linear, cfg.add_bias_linear
 
-    def bias(name: str, present: bool, size: int) -> torch.Tensor:
-        return src.take(name, (size,)) if present else zeros_like_bias(size)
-
     out = {"model.embed_tokens.weight": src.take("embedding.word_embeddings.weight", (cfg.vocab_size, h))}
     for i in range(cfg.num_layers):
         ours, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
@@ -116,13 +113,15 @@ def weights_to_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Ten
             ours + "self_attention.linear_proj.weight", (h, heads * d)
         )
         if attention_bias:
-            qkv_bias = bias(ours + "self_attention.linear_qkv.bias", cfg.qkv_bias, (heads + 2 * groups) * d)
+            qkv_bias = src.take_bias(
+                ours + "self_attention.linear_qkv.bias", (heads + 2 * groups) * d, cfg.qkv_bias
+            )
             q, k, v = split_qkv(qkv_bias, heads, groups, d)
             out[hf + "self_attn.q_proj.bias"] = q
             out[hf + "self_attn.k_proj.bias"] = k
             out[hf + "self_attn.v_proj.bias"] = v
-            out[hf + "self_attn.o_proj.bias"] = bias(
-                ours + "self_attention.linear_proj.bias", cfg.add_bias_linear, h
+            out[hf + "self_attn.o_proj.bias"] = src.take_bias(
+                ours + "self_attention.linear_proj.bias", h, cfg.add_bias_linear
             )
         out[hf + "post_attention_layernorm.weight"] = src.take(ours + "pre_mlp_layernorm.weight", (h,))
         # fc1's rows are [gate; up] (see MLP); Llama keeps them as two matrices.
@@ -215,11 +214,6 @@ def weights_from_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.T
     h, ffn, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups
 
-    def bias_or_zeros(name: str, size: int) -> torch.Tensor:
-        # Megatron's switches cannot always leave out exactly the biases Llama leaves out; a bias it
-        # has and Llama lacks is zero, the same function.
-        return src.take(name, (size,)) if src.has(name) else zeros_like_bias(size)
-
     out = {"embedding.word_embeddings.weight": src.take("embed_tokens.weight", (cfg.vocab_size, h))}
     for i in range(cfg.num_layers):
         ours, hf = f"decoder.layers.{i}.", f"layers.{i}."
@@ -237,7 +231,10 @@ def weights_from_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.T
             hf + "self_attn.o_proj.weight", (h, heads * d)
         )
         if cfg.add_bias_linear:
-            out[ours + "self_attention.linear_proj.bias"] = bias_or_zeros(hf + "self_attn.o_proj.bias", h)
+            # Megatron's switches cannot always leave out exactly the biases Llama leaves out; a bias
+            # megatron-lite has and Llama lacks is zero, the same function.
+            o_bias = hf + "self_attn.o_proj.bias"
+            out[ours + "self_attention.linear_proj.bias"] = src.take_bias(o_bias, h, src.has(o_bias))
         out[ours + "pre_mlp_layernorm.weight"] = src.take(hf + "post_attention_layernorm.weight", (h,))
         gate = src.take(hf + "mlp.gate_proj.weight", (ffn, h))
         up = src.take(hf + "mlp.up_proj.weight", (ffn, h))
@@ -249,8 +246,5 @@ def weights_from_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.T
             out[ours + "mlp.linear_fc1.bias"] = torch.cat((gate, up))
             out[ours + "mlp.linear_fc2.bias"] = src.take(hf + "mlp.down_proj.bias", (h,))
     out["decoder.final_layernorm.weight"] = src.take("norm.weight", (h,))
-    if cfg.untie_embeddings_and_output_weights:
-        out["output_layer.weight"] = src.take("lm_head.weight", (cfg.vocab_size, h))
-    elif src.has("lm_head.weight"):
-        src.take("lm_head.weight")  # tied: HF itself replaces it by embed_tokens.weight on load
+    out.update(output_layer_from_hf(src, cfg))
     return out

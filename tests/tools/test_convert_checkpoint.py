@@ -3,7 +3,6 @@
 import gzip
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_utils import run_distributed
+from helpers import ONE_LAYER, PRETRAIN_GPT, ROOT, run_python, tiny_flags
 from training.megatron_log import parse_lines
 
 from megatron_lite.arguments import parse_config
@@ -32,7 +32,6 @@ HF_EXTRA = "HuggingFace interop needs the hf extra: pip install -e .[hf]"
 transformers = pytest.importorskip("transformers", reason=HF_EXTRA)
 safetensors_torch = pytest.importorskip("safetensors.torch", reason=HF_EXTRA)
 
-ROOT = Path(__file__).resolve().parents[2]
 CONVERT = str(ROOT / "tools" / "convert_checkpoint.py")
 LOGIT_ATOL = 1e-4  # fp32 HF vs megatron-lite: different kernels, same function
 
@@ -242,17 +241,8 @@ def _random_hf_model(kind: str):
     return model.eval()
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TMPDIR": str(cwd),
-        "PYTHONPATH": str(ROOT),
-        "HF_HUB_OFFLINE": "1",
-    }
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return run_python(args, tmp_path, HF_HUB_OFFLINE="1")  # never reach out for a model
 
 
 IMPORTED_FLAGS = {
@@ -291,7 +281,7 @@ def test_random_hf_model_imports_and_finetunes_from_its_weights(tmp_path, kind, 
     seq, batch = 16, 2
     proc = _run(
         [
-            str(ROOT / "pretrain_gpt.py"),
+            str(PRETRAIN_GPT),
             *f"--yaml-cfg {tmp_path / 'ckpt' / ARGS_FILENAME} --finetune --load {tmp_path / 'ckpt'} --mock-data "
             f"--seq-length {seq} --micro-batch-size {batch} --train-iters 1 --lr 1e-4 --attention-dropout 0 "
             "--hidden-dropout 0 --num-workers 0 --eval-iters 0 --log-interval 1 --peak-tflops 1".split(),
@@ -316,10 +306,7 @@ def test_random_hf_model_imports_and_finetunes_from_its_weights(tmp_path, kind, 
 
 # ---- options the target cannot express ------------------------------------------------------------------
 
-TINY = (
-    "--num-layers 1 --hidden-size 16 --num-attention-heads 2 --seq-length 8 --micro-batch-size 1 "
-    "--mock-data --vocab-size 50 --lr 1e-3 --train-iters 1"
-)
+TINY = tiny_flags(**ONE_LAYER, micro_batch_size=1, vocab_size=50, train_iters=1)
 EXPORT_REFUSALS = {
     "--position-embedding-type rope": (
         "cannot export: --normalization LayerNorm with --position-embedding-type rope has no HuggingFace "
@@ -359,7 +346,7 @@ EXPORT_REFUSALS = {
 
 @pytest.mark.parametrize("flags", list(EXPORT_REFUSALS))
 def test_export_refuses_what_the_target_cannot_express(tmp_path, flags, capsys):
-    cfg = parse_config(f"{TINY} {flags}".split()).finalize(1)
+    cfg = parse_config(TINY + flags.split()).finalize(1)
     save_checkpoint(tmp_path / "ckpt", 1, GPTModel(cfg), None, None, cfg, None, consumed_train_samples=0)
     argv = ["export", "--load", str(tmp_path / "ckpt"), "--save-dir", str(tmp_path / "hf")]
     with pytest.raises(SystemExit) as exit_info:
@@ -493,10 +480,8 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_layout_variants_round_trip_exactly(tmp_path, variant):
-    cfg = parse_config(
-        f"--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --micro-batch-size 1 "
-        f"--mock-data --vocab-size 70 --lr 1e-3 --train-iters 1 {VARIANTS[variant]}".split()
-    ).finalize(1)
+    flags = tiny_flags(micro_batch_size=1, vocab_size=70, train_iters=1) + VARIANTS[variant].split()
+    cfg = parse_config(flags).finalize(1)
     model = GPTModel(cfg).eval()
     with torch.no_grad():  # every weight, bias and norm away from its init, so a misplaced one shows
         for param in model.parameters():

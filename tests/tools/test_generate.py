@@ -1,12 +1,12 @@
 """tools/generate.py end to end: a saved checkpoint, streamed output equal to the API, one-line errors."""
 
 import io
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, run_python, tiny_config
 
 from megatron_lite.config import MegatronConfig
 from megatron_lite.core.models.gpt import GPTModel
@@ -17,26 +17,22 @@ from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tokenizer import build_tokenizer
 from megatron_lite.training.checkpointing import save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = str(ROOT / "tools" / "generate.py")
+SCRIPT = ROOT / "tools" / "generate.py"
 PROMPT = "Hello, wörld"
 
 
-def _trained_like_model(tp: int = 1) -> tuple[MegatronConfig, GPTModel]:
-    cfg = MegatronConfig(
-        num_layers=2,
+def _trained_like_model() -> tuple[MegatronConfig, GPTModel]:
+    cfg = tiny_config(
+        1,
+        257,
         hidden_size=64,
-        num_attention_heads=4,
         seq_length=32,
         init_method_std=0.3,  # spread logits: greedy choices far from ties
         tokenizer_type="ByteTokenizer",
         micro_batch_size=1,
-        train_iters=1,
         lr=1e-4,
-        mock_data=True,
         seed=11,
     )
-    cfg.finalize(world_size=1, vocab_size=257)
     return cfg, GPTModel(cfg, ParallelState())
 
 
@@ -66,10 +62,10 @@ def test_loaded_model_equals_saved_one(checkpoint):
         assert torch.equal(a, b), name
 
 
-def test_cli_greedy_streams_prompt_then_tokens(checkpoint):
+def test_cli_greedy_streams_prompt_then_tokens(checkpoint, tmp_path):
     path, model = checkpoint
     argv = ["--load", str(path), "--prompt", PROMPT, "--greedy", "--max-new-tokens", "40", "--device", "cpu"]
-    done = subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, timeout=300)
+    done = run_python([SCRIPT, *argv], tmp_path, text=False)
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode("utf-8") == _expected(model, PROMPT, 40, greedy=True)
 
@@ -103,12 +99,7 @@ def test_cli_user_errors(checkpoint, argv, message):
 
 def test_cli_missing_checkpoint_is_one_line(tmp_path):
     missing = tmp_path / "nope"
-    done = subprocess.run(
-        [sys.executable, SCRIPT, "--load", str(missing), "--prompt", "hi"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_python([SCRIPT, "--load", str(missing), "--prompt", "hi"], tmp_path, timeout=120)
     assert done.returncode == 2
     assert done.stderr == (
         f"error: --load {missing}: no such directory; give a checkpoint directory written by --save\n"

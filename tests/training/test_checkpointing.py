@@ -49,6 +49,13 @@ def save(path, iteration, cfg, model, optimizer, scheduler, **kwargs):
     save_checkpoint(path, iteration, model, optimizer, scheduler, cfg, None, **kwargs)
 
 
+def load_error(path, cfg, model, optimizer, scheduler) -> str:
+    """The one-line UserError that loading `path` raises."""
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(path, model, optimizer, scheduler, cfg, None)
+    return str(caught.value)
+
+
 def fresh(**overrides):
     """A model, optimizer and schedule that differ from the trained ones (other seed, more steps)."""
     cfg = make_cfg(**overrides)
@@ -192,9 +199,7 @@ def test_missing_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "empty", model, optimizer, scheduler, cfg, None) is None
     assert read_latest_iteration(tmp_path / "empty") is None
     cfg.exit_on_missing_checkpoint = True
-    with pytest.raises(UserError) as caught:
-        load_checkpoint(tmp_path / "empty", model, optimizer, scheduler, cfg, None)
-    assert str(caught.value) == (
+    assert load_error(tmp_path / "empty", cfg, model, optimizer, scheduler) == (
         f"--load {tmp_path / 'empty'} holds no checkpoint (latest_checkpointed_iteration.txt is missing) "
         "and --exit-on-missing-checkpoint is set"
     )
@@ -210,26 +215,19 @@ def test_unreadable_pointer_and_missing_parts(tmp_path):
 
     (tmp_path / POINTER).write_text("5")
     cfg, model, optimizer, scheduler = trained(steps=0)
-    with pytest.raises(UserError) as caught:
-        load_checkpoint(tmp_path, model, optimizer, scheduler, cfg, None)
-    assert (
-        str(caught.value)
-        == f"{tmp_path / POINTER} names iteration 5 but {tmp_path / 'iter_0000005'} does not exist"
+    assert load_error(tmp_path, cfg, model, optimizer, scheduler) == (
+        f"{tmp_path / POINTER} names iteration 5 but {tmp_path / 'iter_0000005'} does not exist"
     )
 
     save(
         tmp_path / "no_optim", 1, make_cfg(no_save_optim=True, no_save_rng=True), model, optimizer, scheduler
     )
-    with pytest.raises(UserError) as caught:
-        load_checkpoint(tmp_path / "no_optim", model, optimizer, scheduler, cfg, None)
-    assert str(caught.value) == (
+    assert load_error(tmp_path / "no_optim", cfg, model, optimizer, scheduler) == (
         f"checkpoint {tmp_path / 'no_optim' / 'iter_0000001'} holds no optimizer state (saved with --no-save-optim); "
         "pass --no-load-optim or --finetune"
     )
     cfg.no_load_optim = True
-    with pytest.raises(UserError) as caught:
-        load_checkpoint(tmp_path / "no_optim", model, optimizer, scheduler, cfg, None)
-    assert str(caught.value) == (
+    assert load_error(tmp_path / "no_optim", cfg, model, optimizer, scheduler) == (
         f"checkpoint {tmp_path / 'no_optim' / 'iter_0000001'} holds no RNG state (saved with --no-save-rng); "
         "pass --no-load-rng"
     )
@@ -360,9 +358,7 @@ def test_different_model_shape_is_one_line(tmp_path):
     cfg, model, optimizer, scheduler = trained(steps=0)
     save(tmp_path, 1, cfg, model, optimizer, scheduler)
     other_cfg, other_model, other_optimizer, other_scheduler = fresh(hidden_size=16)
-    with pytest.raises(UserError) as caught:
-        load_checkpoint(tmp_path, other_model, other_optimizer, other_scheduler, other_cfg, None)
-    assert str(caught.value) == (
+    assert load_error(tmp_path, other_cfg, other_model, other_optimizer, other_scheduler) == (
         f"checkpoint {tmp_path / 'iter_0000001'} holds a different model: --hidden-size 8 in the checkpoint, "
         "16 given; give the checkpoint's model flags"
     )

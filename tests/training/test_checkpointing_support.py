@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import torch
+from helpers import tiny_config
 from torch import nn
 
 from megatron_lite.config import MegatronConfig
@@ -27,21 +28,10 @@ VOCAB = 257  # ByteTokenizer's vocabulary: padded to 384 at TP=1, 512 at TP=2 an
 
 
 def make_cfg(tp: int = 1, world_size: int | None = None, **overrides) -> MegatronConfig:
-    values = dict(
-        num_layers=1,
-        hidden_size=8,
-        num_attention_heads=4,
-        seq_length=8,
-        micro_batch_size=1,
-        train_iters=10,
-        lr=1e-2,
-        lr_warmup_iters=2,
-        mock_data=True,
-        tensor_model_parallel_size=tp,
-        weight_decay=0.1,
-    )
-    values.update(overrides)
-    return MegatronConfig(**values).finalize(world_size or tp, vocab_size=VOCAB)
+    """The checkpoint tests' model: 1 layer, h=8, s=8, 10 iterations of lr 1e-2 with weight decay."""
+    shape = dict(num_layers=1, hidden_size=8, seq_length=8, micro_batch_size=1, tensor_model_parallel_size=tp)
+    schedule = dict(train_iters=10, lr=1e-2, lr_warmup_iters=2, weight_decay=0.1)
+    return tiny_config(world_size or tp, VOCAB, **{**shape, **schedule, **overrides})
 
 
 class TinyTPModel(nn.Module):

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from dist_utils import run_distributed
+from helpers import ONE_LAYER_RUN, PRETRAIN_GPT, run_python, tiny_flags
 from test_checkpointing_support import build, make_cfg, snapshot, train_steps
 
 from megatron_lite.arguments import parse_config
@@ -28,17 +28,21 @@ from megatron_lite.training.checkpointing import (
 from megatron_lite.training.fault_tolerance import CollectiveFailure, collective_failures_as_errors
 from megatron_lite.training.training import NonFiniteTrainingError, pretrain
 
-ROOT = Path(__file__).resolve().parents[2]
 ONE = ParallelState()
-TINY = (
-    "--num-layers 1 --hidden-size 16 --num-attention-heads 2 --seq-length 8 --mock-data --vocab-size 64 "
-    "--lr 1e-2 --num-workers 0 --peak-tflops 0.5 --hidden-dropout 0.1 --attention-dropout 0.1 --eval-iters 0 "
-    "--micro-batch-size 2 --global-batch-size 4 --lr-warmup-iters 2 --log-interval 1"
+TINY = tiny_flags(
+    **ONE_LAYER_RUN,
+    global_batch_size=4,
+    lr=1e-2,
+    lr_warmup_iters=2,
+    hidden_dropout=0.1,
+    attention_dropout=0.1,
+    eval_iters=0,
+    log_interval=1,
 )
 
 
 def config(extra: str):
-    return parse_config((TINY + " " + extra).split())
+    return parse_config(TINY + extra.split())
 
 
 # ---- checksums and fallback ------------------------------------------------------------------------
@@ -181,14 +185,7 @@ print("EVENTS", len(events))
 
 
 def run_with_kill(kill_at: int | str, flags: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-c", KILL_DURING_SAVE, str(kill_at), *(TINY + " " + flags).split()],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_python(["-c", KILL_DURING_SAVE, str(kill_at), *TINY, *flags.split()], tmp_path)
 
 
 SAVE_FLAGS = "--train-iters 6 --save-interval 2"
@@ -324,14 +321,9 @@ def test_non_finite_streak_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_unwritable_save_directory_stops_the_run_with_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "pretrain_gpt.py"), *TINY.split(), "--train-iters", "4"]
-        + ["--save", str(blocker / "ckpt"), "--save-interval", "2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_python(
+        [PRETRAIN_GPT, *TINY, "--train-iters", "4", "--save", blocker / "ckpt", "--save-interval", "2"],
+        tmp_path,
     )
     assert proc.returncode == 2
     assert proc.stderr == (

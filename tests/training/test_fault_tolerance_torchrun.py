@@ -5,25 +5,29 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from dist_utils import free_port
+from helpers import PRETRAIN_GPT, start_python, tiny_flags, torchrun_args
 from megatron_log import parse_lines
 
 from megatron_lite.training.checkpointing import read_latest_iteration
 
-ROOT = Path(__file__).resolve().parents[2]
 # dropout on: identical losses after a restart need the RNG streams restored, not only the weights
-TINY = (
-    "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --micro-batch-size 2 "
-    "--global-batch-size 8 --mock-data --vocab-size 100 --num-workers 0 --peak-tflops 1 --lr 1e-3 "
-    "--lr-warmup-iters 2 --hidden-dropout 0.1 --attention-dropout 0.1 --eval-iters 0 --log-interval 1 "
-    "--train-iters 8"
-).split()
+TINY = tiny_flags(
+    global_batch_size=8,
+    vocab_size=100,
+    num_workers=0,
+    peak_tflops=1,
+    lr_warmup_iters=2,
+    hidden_dropout=0.1,
+    attention_dropout=0.1,
+    eval_iters=0,
+    log_interval=1,
+    train_iters=8,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -49,23 +53,14 @@ def torchrun(
 ) -> tuple[int, str]:
     """Run pretrain_gpt.py on 2 ranks; on_line(line, workers) is called for every output line (stdout and
     stderr together) until it returns True. Returns the exit status and the whole output."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc-per-node=2",
+    launcher = [
         f"--max-restarts={max_restarts}",
         "--monitor-interval=0.2",
         "--master-addr=127.0.0.1",
         f"--master-port={free_port()}",
-        str(ROOT / "pretrain_gpt.py"),
-        *TINY,
-        *args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    proc = start_python(
+        torchrun_args(PRETRAIN_GPT, TINY + args, launcher_flags=launcher), tmp_path, merge_stderr=True
     )
     out = []
     try:

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from helpers import ONE_LAYER_RUN, tiny_flags
 from megatron_log import MEGATRON_LINE, REFERENCE_EXAMPLE, VALIDATION_LINE
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -11,11 +12,7 @@ from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training.logger import TrainingLogger, format_log_line, format_validation_box
 from megatron_lite.training.training import pretrain
 
-TINY = (
-    "--num-layers 1 --hidden-size 16 --num-attention-heads 2 --seq-length 8 --mock-data --vocab-size 64 "
-    "--micro-batch-size 2 --global-batch-size 4 --lr 1e-3 --num-workers 0 --peak-tflops 0.5 "
-    "--hidden-dropout 0 --attention-dropout 0"
-)
+TINY = tiny_flags(**ONE_LAYER_RUN, global_batch_size=4, hidden_dropout=0, attention_dropout=0)
 
 
 def test_reference_example_matches_the_pattern():
@@ -90,7 +87,7 @@ def test_validation_box():
 
 
 def test_interval_means_over_advanced_iterations_and_counts_skips():
-    cfg = parse_config((TINY + " --train-iters 8 --log-interval 4").split()).finalize(1)
+    cfg = parse_config(TINY + "--train-iters 8 --log-interval 4".split()).finalize(1)
     printed = []
     logger = TrainingLogger(cfg, ParallelState(), print_fn=printed.append)
     assert printed == [
@@ -133,12 +130,8 @@ def _scalars(accumulator, tag):
 
 
 def test_tensorboard_tags_and_values(tmp_path):
-    cfg = parse_config(
-        (
-            TINY
-            + f" --train-iters 6 --log-interval 3 --eval-interval 3 --eval-iters 1 --tensorboard-dir {tmp_path}"
-        ).split()
-    )
+    flags = "--train-iters 6 --log-interval 3 --eval-interval 3 --eval-iters 1 --tensorboard-dir"
+    cfg = parse_config(TINY + flags.split() + [str(tmp_path)])
     result = pretrain(cfg)
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()

@@ -2,19 +2,19 @@
 
 import pytest
 import torch
+from helpers import tiny_flags
 
 from megatron_lite.arguments import parse_config
 from megatron_lite.errors import UserError
 from megatron_lite.training.lr_schedule import OptimizerParamScheduler
 
-BASE = (
-    "--num-layers 1 --hidden-size 8 --num-attention-heads 2 --seq-length 4 --mock-data --vocab-size 16 "
-    "--micro-batch-size 2 --global-batch-size 4 --lr 1e-3 --min-lr 1e-4 --train-iters 100"
-)
+# Only the schedule's numbers matter here: batch 4, lr 1e-3 (the tiny model's) decaying to 1e-4.
+MODEL = dict(num_layers=1, hidden_size=8, num_attention_heads=2, seq_length=4, vocab_size=16)
 
 
 def scheduler_for(extra: str) -> OptimizerParamScheduler:
-    cfg = parse_config((BASE + " " + extra).split()).finalize(1)
+    flags = tiny_flags(**MODEL, global_batch_size=4, min_lr=1e-4, train_iters=100) + extra.split()
+    cfg = parse_config(flags).finalize(1)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=123.0)
     return OptimizerParamScheduler.from_config(optimizer, cfg)
 
@@ -63,9 +63,8 @@ def test_warmup_fraction_and_decay_iters():
 
 
 def test_train_samples_are_turned_into_iterations():
-    cfg = parse_config(
-        (BASE.replace("--train-iters 100", "--train-samples 400") + " --lr-warmup-samples 40").split()
-    ).finalize(1)
+    flags = tiny_flags(**MODEL, global_batch_size=4, min_lr=1e-4, train_samples=400, lr_warmup_samples=40)
+    cfg = parse_config(flags).finalize(1)
     sched = OptimizerParamScheduler.from_config(
         torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1), cfg
     )

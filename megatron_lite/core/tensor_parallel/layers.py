@@ -76,7 +76,35 @@ class _SequenceParallelLinear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    """What both parallel linears hold: sizes, the TP group, sequence parallelism and an optional bias."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        skip_bias_add: bool,
+        tp_group: dist.ProcessGroup | None,
+        sequence_parallel: bool,
+    ) -> None:
+        super().__init__()
+        self.tp_group = tp_group
+        self.tp_size, self.tp_rank = _group_size_rank(tp_group)
+        self.input_size = input_size
+        self.output_size = output_size
+        self.skip_bias_add = skip_bias_add
+        self.sequence_parallel = sequence_parallel and self.tp_size > 1
+
+    def _init_bias(self, bias: bool, size: int, is_parallel: bool, stride: int = 1) -> None:
+        """A zero bias of `size` (this rank's part when is_parallel), or a None bias when bias is False."""
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(size))
+            set_tensor_model_parallel_attributes(self.bias, is_parallel, 0 if is_parallel else -1, stride)
+        else:
+            self.register_parameter("bias", None)
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """Y = X A^T + b with A split by rows (output features) over the TP group: weight [out/tp, in].
 
     Input is replicated (copy_to_tp), or under sequence parallelism [s/tp, b, in] and all-gathered
@@ -100,30 +128,26 @@ class ColumnParallelLinear(nn.Module):
         unpadded_output_size: int | None = None,
         skip_weight_param_allocation: bool = False,
     ) -> None:
-        super().__init__()
-        self.tp_group = tp_group
-        tp_size, tp_rank = _group_size_rank(tp_group)
-        self.input_size = input_size
-        self.output_size = output_size
-        self.output_size_per_partition = _divide(output_size, tp_size, "output size")
+        super().__init__(input_size, output_size, skip_bias_add, tp_group, sequence_parallel)
+        self.output_size_per_partition = _divide(output_size, self.tp_size, "output size")
         self.gather_output = gather_output
-        self.skip_bias_add = skip_bias_add
-        self.sequence_parallel = sequence_parallel and tp_size > 1
         if self.sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear cannot gather its output under sequence parallelism")
         if skip_weight_param_allocation:
             self.register_parameter("weight", None)
         else:
             weight = init_sharded_weight(
-                (output_size, input_size), init_method, 0, tp_rank, tp_size, stride, unpadded_output_size
+                (output_size, input_size),
+                init_method,
+                0,
+                self.tp_rank,
+                self.tp_size,
+                stride,
+                unpadded_output_size,
             )
             self.weight = nn.Parameter(weight)
             set_tensor_model_parallel_attributes(self.weight, True, 0, stride)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(self.output_size_per_partition))
-            set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
-        else:
-            self.register_parameter("bias", None)
+        self._init_bias(bias, self.output_size_per_partition, True, stride)
 
     def forward(
         self, x: torch.Tensor, weight: torch.Tensor | None = None
@@ -151,7 +175,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """Y = X A^T + b with A split by columns (input features): weight [out, in/tp].
 
     The partial products are all-reduced, or reduce-scattered along the sequence under sequence
@@ -170,25 +194,16 @@ class RowParallelLinear(nn.Module):
         tp_group: dist.ProcessGroup | None = None,
         sequence_parallel: bool = False,
     ) -> None:
-        super().__init__()
-        self.tp_group = tp_group
-        tp_size, tp_rank = _group_size_rank(tp_group)
-        self.input_size = input_size
-        self.output_size = output_size
-        self.input_size_per_partition = _divide(input_size, tp_size, "input size")
+        super().__init__(input_size, output_size, skip_bias_add, tp_group, sequence_parallel)
+        self.input_size_per_partition = _divide(input_size, self.tp_size, "input size")
         self.input_is_parallel = input_is_parallel
-        self.skip_bias_add = skip_bias_add
-        self.sequence_parallel = sequence_parallel and tp_size > 1
         if self.sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear under sequence parallelism needs input_is_parallel=True")
-        weight = init_sharded_weight((output_size, input_size), init_method, 1, tp_rank, tp_size)
+        weight = init_sharded_weight((output_size, input_size), init_method, 1, self.tp_rank, self.tp_size)
         self.weight = nn.Parameter(weight)
         set_tensor_model_parallel_attributes(self.weight, True, 1)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(output_size))
-            set_tensor_model_parallel_attributes(self.bias, False)
-        else:
-            self.register_parameter("bias", None)
+        # The full bias on every rank: it is added once, after the partial products are summed.
+        self._init_bias(bias, output_size, False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.input_is_parallel:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -9,6 +11,8 @@ import torch.distributed as dist
 # means "no tensor parallelism" and every mapping returns its input unchanged, outside autograd, so
 # single-process code pays nothing.
 # Sequence-parallel tensors are [s, b, h] and sharded along dim 0; TP-sharded tensors along the last dim.
+
+_Collective = Callable[[torch.Tensor, dist.ProcessGroup | None], torch.Tensor]
 
 
 def _size(group: dist.ProcessGroup | None) -> int:
@@ -77,139 +81,98 @@ def _reduce_scatter_first(x: torch.Tensor, group: dist.ProcessGroup | None) -> t
     return out
 
 
-class _CopyToModelParallelRegion(torch.autograd.Function):
-    @staticmethod
+def _identity(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    return x
+
+
+def _mapping(name: str, forward_op: _Collective, backward_op: _Collective) -> type[torch.autograd.Function]:
+    """An autograd Function that runs forward_op on the input and backward_op, its adjoint, on the gradient."""
+
     def forward(ctx, x, group):
         ctx.group = group
+        return forward_op(x, group)
+
+    def backward(ctx, grad):
+        return backward_op(grad, ctx.group), None
+
+    # type() rather than a class statement: each mapping keeps its own name in autograd graphs
+    # (grad_fn=<_CopyToModelParallelRegionBackward>), as Megatron's hand-written classes do.
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )
+
+
+# Megatron's mappings, each a (forward, backward) pair of collectives; the backward is the forward's adjoint.
+_CopyToModelParallelRegion = _mapping("_CopyToModelParallelRegion", _identity, _all_reduce)
+_ReduceFromModelParallelRegion = _mapping("_ReduceFromModelParallelRegion", _all_reduce, _identity)
+_ScatterToModelParallelRegion = _mapping("_ScatterToModelParallelRegion", _split_last, _gather_last)
+_GatherFromModelParallelRegion = _mapping("_GatherFromModelParallelRegion", _gather_last, _split_last)
+_ScatterToSequenceParallelRegion = _mapping("_ScatterToSequenceParallelRegion", _split_first, _gather_first)
+# When the consumer of a sequence gather is TP-sharded (a column-parallel linear), each rank holds a partial
+# gradient of the full sequence and they must be summed (reduce-scatter); when it is replicated, each rank
+# already has the full gradient and keeps its own slice.
+_GatherFromSequenceParallelRegion = _mapping(
+    "_GatherFromSequenceParallelRegion", _gather_first, _reduce_scatter_first
+)
+_GatherFromSequenceParallelRegionToReplicated = _mapping(
+    "_GatherFromSequenceParallelRegionToReplicated", _gather_first, _split_first
+)
+_ReduceScatterToSequenceParallelRegion = _mapping(
+    "_ReduceScatterToSequenceParallelRegion", _reduce_scatter_first, _gather_first
+)
+
+
+def _apply(
+    function: type[torch.autograd.Function], x: torch.Tensor, group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    # Without tensor parallelism the mapping is the identity: skip autograd entirely.
+    if _size(group) == 1:
         return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
-
-
-class _ReduceFromModelParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _ScatterToModelParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last(grad, ctx.group), None
-
-
-class _GatherFromModelParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_last(grad, ctx.group), None
-
-
-class _ScatterToSequenceParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_first(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_first(grad, ctx.group), None
-
-
-class _GatherFromSequenceParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, tensor_parallel_output_grad):
-        ctx.group = group
-        ctx.tensor_parallel_output_grad = tensor_parallel_output_grad
-        return _gather_first(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # When the consumer is TP-sharded (a column-parallel linear), each rank holds a partial gradient
-        # of the full sequence and they must be summed; when it is replicated, each rank already has it.
-        if ctx.tensor_parallel_output_grad:
-            return _reduce_scatter_first(grad, ctx.group), None, None
-        return _split_first(grad, ctx.group), None, None
-
-
-class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_first(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_first(grad, ctx.group), None
+    return function.apply(x, group)
 
 
 def copy_to_tensor_model_parallel_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Identity forward; all-reduce the gradient over the TP group."""
-    if _size(group) == 1:
-        return x
-    return _CopyToModelParallelRegion.apply(x, group)
+    return _apply(_CopyToModelParallelRegion, x, group)
 
 
 def reduce_from_tensor_model_parallel_region(
     x: torch.Tensor, group: dist.ProcessGroup | None
 ) -> torch.Tensor:
     """All-reduce (sum) over the TP group; identity gradient."""
-    if _size(group) == 1:
-        return x
-    return _ReduceFromModelParallelRegion.apply(x, group)
+    return _apply(_ReduceFromModelParallelRegion, x, group)
 
 
 def scatter_to_tensor_model_parallel_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Keep this rank's chunk of the last dim; all-gather the gradient."""
-    if _size(group) == 1:
-        return x
-    return _ScatterToModelParallelRegion.apply(x, group)
+    return _apply(_ScatterToModelParallelRegion, x, group)
 
 
 def gather_from_tensor_model_parallel_region(
     x: torch.Tensor, group: dist.ProcessGroup | None
 ) -> torch.Tensor:
     """All-gather the last dim over the TP group (e.g. vocab-sharded logits); split the gradient."""
-    if _size(group) == 1:
-        return x
-    return _GatherFromModelParallelRegion.apply(x, group)
+    return _apply(_GatherFromModelParallelRegion, x, group)
 
 
 def scatter_to_sequence_parallel_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Keep this rank's chunk of dim 0 (the sequence); all-gather the gradient."""
-    if _size(group) == 1:
-        return x
-    return _ScatterToSequenceParallelRegion.apply(x, group)
+    return _apply(_ScatterToSequenceParallelRegion, x, group)
 
 
 def gather_from_sequence_parallel_region(
     x: torch.Tensor, group: dist.ProcessGroup | None, tensor_parallel_output_grad: bool = True
 ) -> torch.Tensor:
     """All-gather dim 0; reduce-scatter the gradient (or just split it when the consumer is replicated)."""
-    if _size(group) == 1:
-        return x
-    return _GatherFromSequenceParallelRegion.apply(x, group, tensor_parallel_output_grad)
+    if tensor_parallel_output_grad:
+        return _apply(_GatherFromSequenceParallelRegion, x, group)
+    return _apply(_GatherFromSequenceParallelRegionToReplicated, x, group)
 
 
 def reduce_scatter_to_sequence_parallel_region(
     x: torch.Tensor, group: dist.ProcessGroup | None
 ) -> torch.Tensor:
     """Sum over the TP group and keep this rank's chunk of dim 0; all-gather the gradient."""
-    if _size(group) == 1:
-        return x
-    return _ReduceScatterToSequenceParallelRegion.apply(x, group)
+    return _apply(_ReduceScatterToSequenceParallelRegion, x, group)

@@ -29,20 +29,28 @@ def _ours(logits, target, group=None, vocab_size=None):
     return loss.detach(), logits.grad
 
 
+def _assert_matches(got, ref_loss, ref_grad, *, atol=1e-6, grad_atol=None):
+    """got = (loss, grad) equals the reference within atol (the gradient within grad_atol when given)."""
+    loss, grad = got
+    torch.testing.assert_close(loss, ref_loss, atol=atol, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=atol if grad_atol is None else grad_atol, rtol=0)
+
+
+def _shard(full_grad, rank):
+    """TP rank `rank` of 2's slice of a full-vocabulary gradient."""
+    return split_for_rank(full_grad, 2, rank, 2)
+
+
 def test_single_process_matches_torch():
     loss, grad = _ours(LOGITS, TARGET)
-    ref_loss, ref_grad = _reference(LOGITS, TARGET)
     assert loss.dtype == torch.float32 and loss.shape == (S, B)
-    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
-    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+    _assert_matches((loss, grad), *_reference(LOGITS, TARGET))
 
 
 def test_padding_columns_are_excluded():
     padded = torch.cat([LOGITS, torch.full((S, B, 2), 50.0)], dim=-1)  # two huge padding logits
     loss, grad = _ours(padded, TARGET, vocab_size=V)
-    ref_loss, ref_grad = _reference(LOGITS, TARGET)
-    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
-    torch.testing.assert_close(grad[..., :V], ref_grad, atol=1e-6, rtol=0)
+    _assert_matches((loss, grad[..., :V]), *_reference(LOGITS, TARGET))
     assert torch.count_nonzero(grad[..., V:]) == 0
 
 
@@ -94,23 +102,17 @@ def results():
 def test_tensor_parallel_matches_full_vocab(results):
     ref_loss, ref_grad = _reference(LOGITS, TARGET)
     pad_loss, pad_grad = _reference(LOGITS[..., :9], TARGET.clamp(max=8))
+    pad_grad = torch.cat([pad_grad, torch.zeros(S, B, 1)], dim=-1)
     for rank, got in enumerate(results):
-        loss, grad = got["plain"]
-        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
-        torch.testing.assert_close(grad, split_for_rank(ref_grad, 2, rank, 2), atol=1e-6, rtol=0)
-        loss, grad = got["padded"]
-        torch.testing.assert_close(loss, pad_loss, atol=1e-6, rtol=0)
-        expected_grad = torch.cat([pad_grad, torch.zeros(S, B, 1)], dim=-1)
-        torch.testing.assert_close(grad, split_for_rank(expected_grad, 2, rank, 2), atol=1e-6, rtol=0)
+        _assert_matches(got["plain"], ref_loss, _shard(ref_grad, rank))
+        _assert_matches(got["padded"], pad_loss, _shard(pad_grad, rank))
 
 
 def test_a_rank_holding_only_padding(results):
     ref_loss, ref_grad = _reference(LOGITS[..., :4], TARGET % 4)
     expected_grad = torch.cat([ref_grad, torch.zeros(S, B, 6)], dim=-1)
     for rank, got in enumerate(results):
-        loss, grad = got["tiny"]
-        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
-        torch.testing.assert_close(grad, split_for_rank(expected_grad, 2, rank, 2), atol=1e-6, rtol=0)
+        _assert_matches(got["tiny"], ref_loss, _shard(expected_grad, rank))
 
 
 # ---- the chunked and in-place paths -------------------------------------------------------------------
@@ -134,10 +136,7 @@ def _run(logits, target, *, inplace, vocab_size=None, group=None):
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_chunked_fp32_matches_torch_in_value_and_gradient(small_chunks, inplace):
-    loss, grad = _run(LOGITS, TARGET, inplace=inplace)
-    ref_loss, ref_grad = _reference(LOGITS, TARGET)
-    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
-    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+    _assert_matches(_run(LOGITS, TARGET, inplace=inplace), *_reference(LOGITS, TARGET))
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -147,8 +146,7 @@ def test_chunked_bf16_matches_fp32_math_on_the_bf16_values(small_chunks, inplace
     loss, grad = _run(logits, TARGET, inplace=inplace)
     ref_loss, ref_grad = _reference(logits.float(), TARGET)
     assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
-    torch.testing.assert_close(grad, ref_grad.bfloat16(), atol=0, rtol=0)
+    _assert_matches((loss, grad), ref_loss, ref_grad.bfloat16(), atol=1e-5, grad_atol=0)
 
 
 def test_chunked_padding_with_inplace_gives_zero_gradient_to_padding(small_chunks):
@@ -156,8 +154,7 @@ def test_chunked_padding_with_inplace_gives_zero_gradient_to_padding(small_chunk
     for logits in (padded, padded.bfloat16()):
         loss, grad = _run(logits, TARGET, inplace=True, vocab_size=V)
         ref_loss, ref_grad = _reference(logits[..., :V].float(), TARGET)
-        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
-        torch.testing.assert_close(grad[..., :V].float(), ref_grad, atol=2e-3, rtol=0)
+        _assert_matches((loss, grad[..., :V].float()), ref_loss, ref_grad, atol=1e-5, grad_atol=2e-3)
         assert torch.count_nonzero(grad[..., V:]) == 0
 
 
@@ -206,17 +203,10 @@ def test_chunked_tensor_parallel_matches_full_vocab(results):
     bf16_loss, bf16_grad = _reference(LOGITS.bfloat16().float(), TARGET)
     bf16_pad_loss, bf16_pad_grad = _reference(LOGITS[..., :9].bfloat16().float(), TARGET.clamp(max=8))
     bf16_pad_grad = torch.cat([bf16_pad_grad, torch.zeros(S, B, 1)], dim=-1)
+    bf16 = dict(atol=1e-5, grad_atol=0)  # the bf16 gradient is exact: rounded once from the fp32 math
     for rank, got in enumerate(results):
-        loss, grad = got["fp32"]
-        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
-        torch.testing.assert_close(grad, split_for_rank(ref_grad, 2, rank, 2), atol=1e-6, rtol=0)
-        loss, grad = got["fp32-padded"]
-        torch.testing.assert_close(loss, pad_loss, atol=1e-6, rtol=0)
-        torch.testing.assert_close(grad, split_for_rank(pad_grad, 2, rank, 2), atol=1e-6, rtol=0)
-        loss, grad = got["bf16"]
-        assert grad.dtype == torch.bfloat16
-        torch.testing.assert_close(loss, bf16_loss, atol=1e-5, rtol=0)
-        torch.testing.assert_close(grad, split_for_rank(bf16_grad, 2, rank, 2).bfloat16(), atol=0, rtol=0)
-        loss, grad = got["bf16-padded"]
-        torch.testing.assert_close(loss, bf16_pad_loss, atol=1e-5, rtol=0)
-        torch.testing.assert_close(grad, split_for_rank(bf16_pad_grad, 2, rank, 2).bfloat16(), atol=0, rtol=0)
+        _assert_matches(got["fp32"], ref_loss, _shard(ref_grad, rank))
+        _assert_matches(got["fp32-padded"], pad_loss, _shard(pad_grad, rank))
+        assert got["bf16"][1].dtype == torch.bfloat16
+        _assert_matches(got["bf16"], bf16_loss, _shard(bf16_grad, rank).bfloat16(), **bf16)
+        _assert_matches(got["bf16-padded"], bf16_pad_loss, _shard(bf16_pad_grad, rank).bfloat16(), **bf16)

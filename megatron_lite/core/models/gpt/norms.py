@@ -19,31 +19,8 @@ from megatron_lite.core.tensor_parallel import (
 # extra reduction step is needed outside the model.
 
 
-class LayerNorm(nn.Module):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last dim."""
-
-    def __init__(
-        self, hidden_size: int, eps: float = 1e-5, sequence_parallel_group: dist.ProcessGroup | None = None
-    ) -> None:
-        super().__init__()
-        self.eps = eps
-        self.sequence_parallel_group = sequence_parallel_group
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.bias = nn.Parameter(torch.zeros(hidden_size))
-        for param in (self.weight, self.bias):
-            set_tensor_model_parallel_attributes(param, False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = copy_to_tensor_model_parallel_region(self.weight, self.sequence_parallel_group)
-        bias = copy_to_tensor_model_parallel_region(self.bias, self.sequence_parallel_group)
-        return F.layer_norm(x, weight.shape, weight, bias, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32."""
+class _Norm(nn.Module):
+    """What both norms share: eps, a replicated weight of ones, and the sequence-parallel gradient sum."""
 
     def __init__(
         self, hidden_size: int, eps: float = 1e-5, sequence_parallel_group: dist.ProcessGroup | None = None
@@ -54,14 +31,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         set_tensor_model_parallel_attributes(self.weight, False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = copy_to_tensor_model_parallel_region(self.weight, self.sequence_parallel_group)
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * weight.float()).to(x.dtype)
+    def _grad_summed(self, param: torch.Tensor) -> torch.Tensor:
+        return copy_to_tensor_model_parallel_region(param, self.sequence_parallel_group)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class LayerNorm(_Norm):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last dim."""
+
+    def __init__(
+        self, hidden_size: int, eps: float = 1e-5, sequence_parallel_group: dist.ProcessGroup | None = None
+    ) -> None:
+        super().__init__(hidden_size, eps, sequence_parallel_group)
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        set_tensor_model_parallel_attributes(self.bias, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._grad_summed(self.weight), self._grad_summed(self.bias)
+        return F.layer_norm(x, weight.shape, weight, bias, self.eps)
+
+
+class RMSNorm(_Norm):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._grad_summed(self.weight)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * weight.float()).to(x.dtype)
 
 
 def build_norm(cfg: MegatronConfig, tp_group: dist.ProcessGroup | None = None) -> nn.Module:

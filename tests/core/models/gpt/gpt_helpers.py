@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from helpers import tiny_config
 
 from megatron_lite.config import MegatronConfig
 from megatron_lite.core.tensor_parallel import merge_shards
@@ -21,24 +22,13 @@ LLAMA_STYLE = dict(
 )
 
 
+# What the GPT tests add to the shared tiny model: the exact vocabulary (no padding), no dropout, a fixed seed.
+GPT_TEST_SETTINGS = dict(make_vocab_size_divisible_by=1, hidden_dropout=0.0, attention_dropout=0.0, seed=1234)
+
+
 def make_config(world_size: int = 1, vocab_size: int = 257, **overrides) -> MegatronConfig:
     """A tiny finalized config (2 layers, h=32, 4 heads, s=16, no dropout) with overrides."""
-    values = dict(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        seq_length=16,
-        micro_batch_size=2,
-        train_iters=1,
-        lr=1e-3,
-        mock_data=True,
-        make_vocab_size_divisible_by=1,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        seed=1234,
-    )
-    values.update(overrides)
-    return MegatronConfig(**values).finalize(world_size, vocab_size)
+    return tiny_config(world_size, vocab_size, **{**GPT_TEST_SETTINGS, **overrides})
 
 
 def batch(cfg: MegatronConfig, seed: int = 0, batch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
