@@ -31,6 +31,7 @@ def generate(
     use_kv_cache: bool = True,
     on_token: Callable[[int], None] | None = None,
     autocast_dtype: torch.dtype | None = None,
+    decode_linear: str = "auto",
 ) -> list[int]:
     """Continue prompt_ids by up to max_new_tokens tokens; returns the new tokens only.
 
@@ -45,6 +46,9 @@ def generate(
     cache from the slid window. A rolling cache would be wrong: every cached key and value depends
     on the absolute positions (and, past the first layer, on the tokens) of the old window. So the
     cached and uncached paths compute the same thing, and past the window the cache saves nothing.
+
+    decode_linear: the matrix-vector product of the cached single-token steps ("auto", "torch",
+    "onednn"; see GPTModel.init_kv_cache).
 
     With tensor parallelism every rank of the TP group calls this with the same arguments; the
     vocab-sharded logits are gathered and TP rank 0's draw is broadcast, so all ranks agree.
@@ -67,21 +71,23 @@ def generate(
     new_tokens: list[int] = []
     cache: KVCache | None = None
     if use_kv_cache and max_new_tokens > 0:
-        cache = model.init_kv_cache(1, min(window, len(tokens) + max_new_tokens))
+        cache = model.init_kv_cache(1, min(window, len(tokens) + max_new_tokens), decode_linear)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), autocast:
             for _ in range(max_new_tokens):
                 logits = _next_token_logits(model, tokens, window, cache, device)
-                token = sample_next_token(
-                    logits,
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    greedy=greedy,
-                    generator=generator,
-                )
+                if greedy:  # argmax where the logits are: no copy of the vocabulary row to the host
+                    token = int(torch.argmax(logits).item())
+                else:  # on CPU in fp32, so a seed draws the same tokens on every device
+                    token = sample_next_token(
+                        logits.float().cpu(),
+                        temperature=temperature,
+                        top_k=top_k,
+                        top_p=top_p,
+                        generator=generator,
+                    )
                 token = _agree_across_tp(model, token, device)
                 if eod is not None and token == eod:
                     break
@@ -129,21 +135,19 @@ def check_sampling_arguments(
 def _next_token_logits(
     model: GPTModel, tokens: list[int], window: int, cache: KVCache | None, device: torch.device
 ) -> torch.Tensor:
-    """fp32 logits [vocab] on CPU for the token after `tokens`, padding rows removed."""
+    """Logits [vocab] for the token after `tokens`, on the model's device in its compute dtype, padding
+    rows removed. Only the last position is projected to the vocabulary."""
     if cache is None:
-        context = tokens[-window:]
-        logits = model(torch.tensor([context], device=device))  # [1, n, V/tp]
+        feed = tokens[-window:]
+    elif len(tokens) > window or cache.length == 0:
+        cache.reset()  # first step, or the window slid: prefill from scratch
+        feed = tokens[-window:]
     else:
-        if len(tokens) > window or cache.length == 0:
-            cache.reset()  # first step, or the window slid: prefill from scratch
-            feed = tokens[-window:]
-        else:
-            feed = tokens[cache.length :]
-        logits = model(torch.tensor([feed], device=device), kv_cache=cache)  # [1, len(feed), V/tp]
-    last = logits[:, -1:, :]  # [1, 1, V/tp]
+        feed = tokens[cache.length :]
+    last = model(torch.tensor([feed], device=device), kv_cache=cache, last_position_only=True)  # [1, 1, V/tp]
     if model.tp_group is not None:
         last = gather_from_tensor_model_parallel_region(last, model.tp_group)  # [1, 1, V_pad]
-    return last[0, 0, : model.vocab_size].float().cpu()
+    return last[0, 0, : model.vocab_size]
 
 
 def _agree_across_tp(model: GPTModel, token: int, device: torch.device) -> int:

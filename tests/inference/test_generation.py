@@ -6,6 +6,7 @@ from dist_utils import run_distributed
 
 from megatron_lite.config import MegatronConfig
 from megatron_lite.core.models.gpt import GPTModel
+from megatron_lite.core.models.gpt.kv_cache import onednn_available
 from megatron_lite.errors import UserError
 from megatron_lite.inference import IncrementalDecoder, filter_logits, generate, sample_next_token
 from megatron_lite.parallel_state import ParallelState
@@ -51,6 +52,7 @@ def make_model(style: str, window: int = 16) -> GPTModel:
 
 
 PROMPT = [72, 101, 108, 108, 111]
+DECODE_LINEARS = ["torch", "onednn"] if onednn_available() else ["torch"]
 
 
 class FeedRecorder:
@@ -67,11 +69,12 @@ class FeedRecorder:
         model.forward = forward
 
 
+@pytest.mark.parametrize("decode_linear", DECODE_LINEARS)
 @pytest.mark.parametrize("style", sorted(STYLES))
-def test_greedy_with_cache_equals_without_cache_past_the_window(style):
+def test_greedy_with_cache_equals_without_cache_past_the_window(style, decode_linear):
     model = make_model(style)
     recorder = FeedRecorder(model)
-    cached = generate(model, PROMPT, 24, greedy=True)
+    cached = generate(model, PROMPT, 24, greedy=True, decode_linear=decode_linear)
     cached_calls = list(recorder.calls)
     recorder.calls.clear()
     uncached = generate(model, PROMPT, 24, greedy=True, use_kv_cache=False)
@@ -84,12 +87,13 @@ def test_greedy_with_cache_equals_without_cache_past_the_window(style):
     assert recorder.calls == [(min(5 + i, 16), False) for i in range(24)]
 
 
-def test_cached_logits_match_full_forward():
+@pytest.mark.parametrize("decode_linear", DECODE_LINEARS)
+def test_cached_logits_match_full_forward(decode_linear):
     model = make_model("rope_gqa").eval()  # no dropout
     tokens = torch.tensor([PROMPT + [3, 200, 17]])
     with torch.inference_mode():
         full = model(tokens)  # [1, 8, V]
-        cache = model.init_kv_cache(1, 16)
+        cache = model.init_kv_cache(1, 16, decode_linear)
         first = model(tokens[:, :5], kv_cache=cache)
         rest = [model(tokens[:, i : i + 1], kv_cache=cache) for i in range(5, 8)]
     stepped = torch.cat([first] + rest, dim=1)

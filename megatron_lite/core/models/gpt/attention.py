@@ -51,6 +51,9 @@ class DotProductAttention(nn.Module):
         """
         sq, b = query.shape[:2]
         sk = key.shape[0]
+        explicit = self.training and self.attention_dropout.p > 0.0
+        if sq == 1 and sk > 1 and attention_mask is None and not explicit:
+            return attend_newest(query, key, value)  # a decoding step with a KV cache
         q = query.permute(1, 2, 0, 3)  # [b, heads, sq, d]
         k = key.permute(1, 2, 0, 3)  # [b, groups, sk, d]
         v = value.permute(1, 2, 0, 3)
@@ -60,7 +63,7 @@ class DotProductAttention(nn.Module):
             keep = positions[None, :] <= positions[sk - sq :, None]  # causal, offset by the cache
             if attention_mask is not None:
                 keep = keep & ~attention_mask
-        if self.training and self.attention_dropout.p > 0.0:
+        if explicit:
             out = self._explicit_attention(q, k, v, keep)
         else:
             out = F.scaled_dot_product_attention(
@@ -87,6 +90,20 @@ class DotProductAttention(nn.Module):
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         probs = self.attention_dropout(probs)
         return torch.matmul(probs, v)  # [b, heads, sq, d]
+
+
+def attend_newest(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Attention of the newest position alone: query [1, b, heads, d], key/value [sk, b, groups, d] ->
+    [1, b, heads*d]. The one query may attend to every key, so there is no mask to build (per layer
+    and step at batch 1 that costs more than the attention itself); inference only (no dropout)."""
+    b, heads, d = query.shape[1:]
+    out = F.scaled_dot_product_attention(
+        query.permute(1, 2, 0, 3),  # [b, heads, 1, d]
+        key.permute(1, 2, 0, 3),  # [b, groups, sk, d]
+        value.permute(1, 2, 0, 3),
+        enable_gqa=heads != key.shape[2],
+    )  # [b, heads, 1, d]
+    return out.reshape(1, b, heads * d)
 
 
 class SelfAttention(nn.Module):
@@ -138,17 +155,7 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """hidden [s, b, h] ([s/tp, b, h] under sequence parallelism) -> same shape."""
         qkv, _ = self.linear_qkv(hidden)  # [s, b, (heads + 2 groups) * d] for this rank
-        s, b = qkv.shape[:2]
-        qkv = qkv.view(s, b, self.num_groups, (self.heads_per_group + 2) * self.head_dim)
-        query, key, value = qkv.split(
-            [self.heads_per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1
-        )
-        query = query.reshape(s, b, self.num_heads, self.head_dim)  # [s, b, heads, d]
-        # key, value: [s, b, groups, d]
-        if rotary is not None:
-            cos, sin = rotary
-            query = apply_rotary_pos_emb(query, cos, sin)
-            key = apply_rotary_pos_emb(key, cos, sin)
+        query, key, value = self._split_qkv(qkv, rotary)
         if kv_cache is not None:
             key, value = kv_cache.update(self.layer_number, key, value)  # [cached + s, b, groups, d]
         if self.recompute_core_attention and kv_cache is None and torch.is_grad_enabled():
@@ -158,3 +165,33 @@ class SelfAttention(nn.Module):
             context = self.core_attention(query, key, value, attention_mask)  # [s, b, heads*d]
         out, _ = self.linear_proj(context)
         return out
+
+    def decode_attention(
+        self, qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, kv_cache: KVCache
+    ) -> torch.Tensor:
+        """The attention of one new token per sequence (no TP): fused qkv [1, b, (heads + 2 groups) * d],
+        the output of linear_qkv -> context [1, b, heads*d], the input of linear_proj.
+
+        forward() between its two projections, for GPTModel's decoding step (which runs the projections
+        itself): the key and value join the cache, and the one query attends to every cached position.
+        """
+        query, key, value = self._split_qkv(qkv, rotary)
+        key, value = kv_cache.update(self.layer_number, key, value)  # [cached + 1, b, groups, d]
+        return attend_newest(query, key, value)  # [1, b, heads*d]
+
+    def _split_qkv(
+        self, qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused [s, b, groups * (heads/group + 2) * d] -> query [s, b, heads, d], key and value
+        [s, b, groups, d], with RoPE applied to query and key."""
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.num_groups, (self.heads_per_group + 2) * self.head_dim)
+        query, key, value = qkv.split(
+            [self.heads_per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1
+        )
+        query = query.reshape(s, b, self.num_heads, self.head_dim)
+        if rotary is not None:
+            cos, sin = rotary
+            query = apply_rotary_pos_emb(query, cos, sin)
+            key = apply_rotary_pos_emb(key, cos, sin)
+        return query, key, value
