@@ -40,7 +40,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.decode_linear = decode_linear or TORCH_LINEAR
-        self.decode_plan: Any = None  # GPTModel's _DecodePlan, built on the first single-token step
+        self.decode_plan: Any = None  # decode.DecodePlan, built on the first single-token step
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store layer's new key/value [s_new, b, g, d] after the cached ones; return all of them."""
