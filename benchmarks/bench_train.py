@@ -39,7 +39,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.plain_gpt import PlainGPT, PlainGPTConfig  # noqa: E402
 from megatron_lite.config import MegatronConfig  # noqa: E402
 from megatron_lite.core.models.gpt import GPTModel  # noqa: E402
-from megatron_lite.core.performance import POLICIES, configure_matmul_precision  # noqa: E402
+from megatron_lite.core.performance import (  # noqa: E402
+    POLICIES,
+    configure_matmul_precision,
+    matmul_precision,
+)
 from megatron_lite.parallel_state import ParallelState  # noqa: E402
 from megatron_lite.training.data_samplers import (  # noqa: E402
     build_mock_datasets,
@@ -125,7 +129,7 @@ def make_ours(
 
     def step(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # The training loop's step (training.Trainer.train_step) for one micro batch, without logging.
-        with _matmul_precision(options.matmul_precision):
+        with matmul_precision(options.matmul_precision):
             with record_function("optimizer"):
                 optimizer.zero_grad(set_to_none=True)
             with _autocast(device, autocast_dtype):
@@ -231,16 +235,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-@contextlib.contextmanager
-def _matmul_precision(precision: str):
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -256,7 +250,7 @@ def run_dtype(args: argparse.Namespace, dtype_name: str, device: torch.device, o
     makers = [lambda *a: make_ours(*a, options), make_plain] + ([] if args.no_hf else [make_hf])
     contenders = [c for c in (make(cfg, device, autocast_dtype) for make in makers) if c is not None]
     flops = num_floating_point_operations(cfg, b)
-    with _matmul_precision(options.matmul_precision):  # the best path this machine has, as ours uses
+    with matmul_precision(options.matmul_precision):  # the best path this machine has, as ours uses
         peak, peak_source = device_peak_flops(device, autocast_dtype or torch.float32, args.peak_tflops)
 
     step_index = 0
@@ -291,7 +285,7 @@ def run_dtype(args: argparse.Namespace, dtype_name: str, device: torch.device, o
         if args.peak_tflops is None and device.type == "cpu":
             # The CPU peak is measured, and a shared machine's load varies: measure it again in every
             # round, like one more contender, and keep the best rate seen during the run.
-            with _matmul_precision(options.matmul_precision):
+            with matmul_precision(options.matmul_precision):
                 peak, peak_source = measure_matmul_flops(
                     device, autocast_dtype or torch.float32, use_cache=False
                 )

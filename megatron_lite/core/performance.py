@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -97,11 +98,8 @@ def select_matmul_precision(
     key = (str(device), torch.get_num_threads(), policy)
     if measure is None and key in _CACHE:
         return _CACHE[key]
-    previous = torch.get_float32_matmul_precision()
-    try:
+    with matmul_precision(torch.get_float32_matmul_precision()):  # restored after the probes
         choice = _select(device, policy, measure or measure_matmul_path)
-    finally:
-        torch.set_float32_matmul_precision(previous)
     if measure is None:
         _CACHE[key] = choice
     return choice
@@ -165,12 +163,19 @@ def choose_matmul_precision(
 
 def measure_matmul_path(precision: str, device: torch.device, timed: bool = True) -> PathMeasurement:
     """Error and result digest of F.linear under `precision`, and with `timed` its probe-product time."""
+    with matmul_precision(precision):
+        error, digest = _error_and_digest(F.linear, device)
+        seconds = _time_linear_products(device) if timed else math.nan
+    return PathMeasurement(precision, error, digest, seconds)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """torch's fp32 matmul precision set to `precision` inside the block, the previous one after it."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        error, digest = _error_and_digest(F.linear, device)
-        seconds = _time_linear_products(device) if timed else math.nan
-        return PathMeasurement(precision, error, digest, seconds)
+        yield
     finally:
         torch.set_float32_matmul_precision(previous)
 

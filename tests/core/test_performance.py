@@ -15,6 +15,7 @@ from megatron_lite.core.performance import (
     PathMeasurement,
     choose_matmul_precision,
     configure_matmul_precision,
+    matmul_precision,
     relative_error,
     select_matmul_precision,
 )
@@ -24,9 +25,17 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(autouse=True)
 def restore_precision():
-    previous = torch.get_float32_matmul_precision()
-    yield
-    torch.set_float32_matmul_precision(previous)
+    with matmul_precision(torch.get_float32_matmul_precision()):
+        yield
+
+
+def test_matmul_precision_is_restored_even_after_an_error():
+    torch.set_float32_matmul_precision("highest")
+    with pytest.raises(RuntimeError, match="inside"):
+        with matmul_precision("medium"):
+            assert torch.get_float32_matmul_precision() == "medium"
+            raise RuntimeError("inside")
+    assert torch.get_float32_matmul_precision() == "highest"
 
 
 @pytest.fixture(scope="module")

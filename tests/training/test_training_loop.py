@@ -11,6 +11,7 @@ from megatron_log import MEGATRON_LINE, VALIDATION_LINE
 
 from megatron_lite.arguments import parse_config
 from megatron_lite.core.models.gpt import GPTModel
+from megatron_lite.core.performance import matmul_precision
 from megatron_lite.errors import UserError
 from megatron_lite.training import training
 from megatron_lite.training.data_samplers import MockGPTDataset
@@ -322,7 +323,7 @@ def test_eod_masks_reach_the_model():
 
 
 def test_fp32_matmul_precision_is_applied_and_logged(capsys):
-    try:
+    with matmul_precision(torch.get_float32_matmul_precision()):  # restored afterwards
         pretrain(config("--micro-batch-size 2 --train-iters 1 --fp32-matmul-precision high"))
         line = next(t for t in capsys.readouterr().out.splitlines() if "fp32 matmul precision" in t)
         assert line.startswith("> fp32 matmul precision: high (set explicitly; rel. error ")
@@ -332,8 +333,6 @@ def test_fp32_matmul_precision_is_applied_and_logged(capsys):
         line = next(t for t in capsys.readouterr().out.splitlines() if "fp32 matmul precision" in t)
         chosen = torch.get_float32_matmul_precision()
         assert line.startswith(f"> fp32 matmul precision: {chosen} (auto; highest (torch default)")
-    finally:
-        torch.set_float32_matmul_precision("highest")
 
 
 @pytest.mark.slow
