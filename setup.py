@@ -8,7 +8,7 @@ setup(
     description="Megatron-style GPT pretraining in plain PyTorch: tensor + data parallel, CPU and GPU",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_lite", "megatron_lite.*"]),
-    package_data={"megatron_lite.tokenizer": ["assets/*"]},
+    package_data={"megatron_lite.tokenizer": ["assets/*"], "megatron_lite.arguments": ["*.json"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.3",

@@ -67,7 +67,7 @@ def test_yaml_values_with_sections_aliases_and_env(tmp_path, monkeypatch):
         "micro_batch_size: 4\nlr: 1e-3\nbf16: true\nsave: ${CKPT_ROOT}/run1\ndata_path: 0.5 A 0.5 B\nsplit: 98,1,1\n",
     )
     cfg = parse_config(["--yaml-cfg", path])
-    assert (cfg.num_layers, cfg.hidden_size, cfg.norm_epsilon, cfg.tensor_model_parallel_size) == (
+    assert (cfg.num_layers, cfg.hidden_size, cfg.layernorm_epsilon, cfg.tensor_model_parallel_size) == (
         6,
         384,
         1e-6,

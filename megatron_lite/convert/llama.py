@@ -72,7 +72,7 @@ def hf_config(
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings,
         "initializer_range": cfg.init_method_std,
-        "rms_norm_eps": cfg.norm_epsilon,
+        "rms_norm_eps": cfg.layernorm_epsilon,
         "tie_word_embeddings": not cfg.untie_embeddings_and_output_weights,
         # Llama has one switch for the q/k/v/o biases: any of them on exports all four (zeros where absent).
         "attention_bias": cfg.qkv_bias or cfg.add_bias_linear,
@@ -176,12 +176,12 @@ def config_from_hf(hf: Any) -> dict[str, Any]:
         "rotary_base": int(theta),
         "rotary_percent": 1.0,
         "normalization": "RMSNorm",
-        "norm_epsilon": float(hf.rms_norm_eps),
+        "layernorm_epsilon": float(hf.rms_norm_eps),
         "swiglu": True,
         "untie_embeddings_and_output_weights": not getattr(hf, "tie_word_embeddings", False),
         # Megatron's switches: linear biases (proj, fc1, fc2, and qkv unless --disable-qkv-bias) and a
         # separate QKV bias. A Llama o_proj bias without MLP biases has no place: it must be zero.
-        "disable_bias_linear": not mlp_bias,
+        "add_bias_linear": mlp_bias,
         "add_qkv_bias": attention_bias and not mlp_bias,
         "disable_qkv_bias": mlp_bias and not attention_bias,
         "attention_dropout": float(getattr(hf, "attention_dropout", 0.0) or 0.0),

@@ -591,8 +591,8 @@ _MODEL_SHAPE_FIELDS = (
     "normalization",
     "swiglu",
     "untie_embeddings_and_output_weights",
-    "disable_bias_linear",
-    "norm_epsilon",
+    "add_bias_linear",
+    "layernorm_epsilon",
 )
 _DERIVED_SHAPE_FIELDS = ("num_query_groups", "kv_channels", "ffn_hidden_size")
 

@@ -23,7 +23,7 @@ STYLES = {
         "normalization": "RMSNorm",
         "swiglu": True,
         "untie_embeddings_and_output_weights": True,
-        "disable_bias_linear": True,
+        "add_bias_linear": False,
     },
 }
 

@@ -64,8 +64,8 @@ class RMSNorm(_Norm):
 
 
 def build_norm(cfg: MegatronConfig, tp_group: dist.ProcessGroup | None = None) -> nn.Module:
-    """The norm cfg.normalization names, over cfg.hidden_size with cfg.norm_epsilon."""
+    """The norm cfg.normalization names, over cfg.hidden_size with cfg.layernorm_epsilon."""
     sp_group = tp_group if cfg.sequence_parallel else None
     if cfg.normalization == "RMSNorm":
-        return RMSNorm(cfg.hidden_size, cfg.norm_epsilon, sp_group)
-    return LayerNorm(cfg.hidden_size, cfg.norm_epsilon, sp_group)
+        return RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, sp_group)
+    return LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, sp_group)

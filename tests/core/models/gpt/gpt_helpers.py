@@ -18,7 +18,7 @@ LLAMA_STYLE = dict(
     group_query_attention=True,
     num_query_groups=2,
     untie_embeddings_and_output_weights=True,
-    disable_bias_linear=True,
+    add_bias_linear=False,
 )
 
 
@@ -81,10 +81,10 @@ def saved_bytes_for_backward(
 def _norm(cfg: MegatronConfig, x: torch.Tensor, state: dict, prefix: str) -> torch.Tensor:
     weight = state[prefix + ".weight"]
     if cfg.normalization == "RMSNorm":
-        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.norm_epsilon) * weight
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.layernorm_epsilon) * weight
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + cfg.norm_epsilon) * weight + state[prefix + ".bias"]
+    return (x - mean) / torch.sqrt(var + cfg.layernorm_epsilon) * weight + state[prefix + ".bias"]
 
 
 def _rope(x: torch.Tensor, positions: torch.Tensor, cfg: MegatronConfig) -> torch.Tensor:

@@ -66,7 +66,7 @@ def test_rmsnorm_formula_and_fp32_math():
 
 
 def test_build_norm_picks_normalization_and_epsilon():
-    rms = build_norm(make_config(normalization="RMSNorm", norm_epsilon=1e-6))
+    rms = build_norm(make_config(normalization="RMSNorm", layernorm_epsilon=1e-6))
     assert isinstance(rms, RMSNorm) and rms.eps == 1e-6
     ln = build_norm(make_config())
     assert isinstance(ln, LayerNorm) and ln.eps == 1e-5
@@ -75,7 +75,7 @@ def test_build_norm_picks_normalization_and_epsilon():
 
 
 def test_swiglu_mlp_is_silu_gate_times_up():
-    cfg = make_config(swiglu=True, disable_bias_linear=True)
+    cfg = make_config(swiglu=True, add_bias_linear=False)
     assert cfg.ffn_hidden_size == 64  # int(8h/3 / 64) * 64 for h = 32
     mlp = MLP(cfg)
     w1, w2 = mlp.linear_fc1.weight, mlp.linear_fc2.weight

@@ -17,7 +17,7 @@ CONFIGS = {
     "llama-partial-rope": dict(LLAMA_STYLE, rotary_percent=0.5, rotary_base=500),
     "gelu-rope-rmsnorm-bias": dict(position_embedding_type="rope", normalization="RMSNorm"),
     "mqa-swiglu-layernorm": dict(group_query_attention=True, num_query_groups=1, swiglu=True),
-    "no-position-embedding": dict(position_embedding_type="none", disable_bias_linear=True),
+    "no-position-embedding": dict(position_embedding_type="none", add_bias_linear=False),
 }
 
 
