@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
 
-from megatron_lite.arguments import build_parser, load_yaml
+from megatron_lite.arguments import build_parser, config_from_namespace
 from megatron_lite.config import MegatronConfig
 from megatron_lite.errors import fail
 from megatron_lite.training.flops import flops_per_token, num_floating_point_operations
@@ -53,12 +52,7 @@ def build_sizing_config(argv: list[str] | None = None) -> tuple[MegatronConfig, 
     world = namespace.pop("sizing_world_size", None)
     dp = namespace.pop("sizing_data_parallel_size", None)
     unfused = namespace.pop("sizing_unfused_attention", False)
-    values: dict[str, Any] = {}
-    yaml_path = namespace.pop("yaml_cfg", None)
-    if yaml_path is not None:
-        values.update(load_yaml(yaml_path))
-    values.update(namespace)
-    cfg = MegatronConfig(**values)
+    cfg = config_from_namespace(namespace)
 
     tp = cfg.tensor_model_parallel_size
     if dp is not None and dp < 1:

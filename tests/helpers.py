@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_lite.arguments.render import as_flags
 from megatron_lite.config import MegatronConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,18 +39,11 @@ def tiny_config(world_size: int = 1, vocab_size: int | None = 257, **overrides: 
 
 
 def tiny_flags(**overrides: Any) -> list[str]:
-    """TINY_MODEL with `overrides` as pretrain_gpt.py flags: True is a bare switch, False or None leaves it out.
+    """TINY_MODEL with `overrides` as pretrain_gpt.py flags in Megatron's spelling (None leaves a setting out).
 
     Values are written with str(), which reads back as the same number (1e-3 -> "0.001").
     """
-    argv = []
-    for name, value in {**TINY_MODEL, **overrides}.items():
-        if value is None or value is False:
-            continue
-        argv.append("--" + name.replace("_", "-"))
-        if value is not True:
-            argv.append(str(value))
-    return argv
+    return as_flags({**TINY_MODEL, **overrides})
 
 
 # ---- child processes ------------------------------------------------------------------------------------

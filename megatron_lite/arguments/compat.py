@@ -128,11 +128,12 @@ _BY_DEST: dict[str, Policy] = {
     "use_pytorch_profiler": _refused(
         "--use-pytorch-profiler is not implemented; wrap the run in torch.profiler"
     ),
-    "context_parallel_size": _later(15, "--context-parallel-size > 1", 1),
+    "pipeline_model_parallel_size": _later(13, "pipeline parallelism", 1),
+    "context_parallel_size": _later(15, "context parallelism", 1),
     "cp_comm_type": _later(15, "context parallelism", "p2p"),
     "hierarchical_context_parallel_sizes": _later(15, "context parallelism"),
     "hybrid_context_parallel": _later(15, "context parallelism"),
-    "expert_model_parallel_size": _later(14, "--expert-model-parallel-size > 1", 1),
+    "expert_model_parallel_size": _later(14, "expert parallelism", 1),
     "expert_tensor_parallel_size": _later(14, "expert tensor parallelism"),
     "num_experts": _later(14, "mixture of experts (--num-experts)"),
     "multi_latent_attention": _later(14, "multi-latent attention"),
@@ -276,25 +277,43 @@ def check_megatron_args(values: dict[str, Any], source: dict[str, str]) -> list[
     table = flags_by_dest()
     for dest, value in values.items():
         flag = table[dest]
-        if _is_default(flag, value):
-            continue
-        where = source.get(dest, flag.option)
         p = policy(flag)
+        given = _given(flag, value, source.get(dest))
         if p.kind == "switch":
-            notices.append(f"{where} {_show(value)}: {p.text}")
-        elif value in p.allowed or str(value) in (str(a) for a in p.allowed):
+            # Never silent: a switch is reported even when given at Megatron's default.
+            notices.append(f"{given}: {p.text}")
+        elif _is_default(flag, value) or value in p.allowed or str(value) in (str(a) for a in p.allowed):
             continue
         elif p.kind == "later":
-            fail(f"{where} {_show(value)}: {p.text}")
+            fail(f"{given}: {p.text}")
         else:
-            reason = p.text if not p.text.startswith("is ") else f"{flag.option} {p.text}"
-            fail(f"{where} {_show(value)}: {reason}")
+            fail(f"{given}: {p.text if not p.text.startswith('is ') else 'this flag ' + p.text}")
     return notices
 
 
-def _show(value: Any) -> str:
-    if value is True:
-        return ""
-    if isinstance(value, list):
-        return " ".join(str(v) for v in value)
-    return str(value)
+def _given(flag: MegatronFlag, value: Any, yaml_key: str | None) -> str:
+    """The flag as the user gave it: `--fp8-format hybrid`, `--use-mcore-models`, or `file.yaml: key: value`."""
+    if yaml_key is not None:
+        return f"{yaml_key}: {value}"
+    if flag.action == "boolean_optional":
+        return flag.option if value else "--no-" + flag.option[2:]
+    if not flag.takes_value:
+        return flag.option
+    shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return f"{flag.option} {shown}"
+
+
+def check_implemented_choices(values: dict[str, Any]) -> None:
+    """Refuse a value that Megatron accepts for a field but megatron-lite does not implement, in one line."""
+    from megatron_lite.config import config_fields
+
+    for f in config_fields():
+        choices = f.metadata.get("choices")
+        value = values.get(f.name)
+        if choices is None or value is None or value in choices:
+            continue
+        flag = flags_by_dest().get(f.name)
+        name = flag.option if flag is not None else "--" + f.name.replace("_", "-")
+        fail(
+            f"{name} {value} is not implemented in megatron-lite (implemented: {', '.join(map(str, choices))})"
+        )

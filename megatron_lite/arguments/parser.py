@@ -105,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
             _add(group, ["--" + name.replace("_", "-")], action, name, help_text, **kw)
             continue
         for spec in specs:
-            _add(group, list(spec.flags), spec.action, name, help_text, **kw)
+            spec_kw = dict(kw)
+            if spec.choices is not None and "choices" in kw:
+                # Megatron's values parse; those megatron-lite lacks are refused in one line after parsing.
+                spec_kw["choices"] = list(kw["choices"]) + [c for c in spec.choices if c not in kw["choices"]]
+            _add(group, list(spec.flags), spec.action, name, help_text, **spec_kw)
     for dest, specs in by_dest.items():
         if dest == "yaml_cfg":
             continue

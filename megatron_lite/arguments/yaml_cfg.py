@@ -153,7 +153,7 @@ def load_yaml(path: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
             else:
                 extras[dest] = _coerce_megatron(table[dest], value)
         except ValueError as err:
-            bad.append(f"'{key}' {err}")
+            bad.append(f"key '{key}' {err}")
 
     for key, value in _read(path).items():
         if value is None:
@@ -171,7 +171,7 @@ def load_yaml(path: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
             try:
                 mapped = _TRANSFORMER_CONFIG_NAMES[name](value)
             except ValueError as err:
-                bad.append(f"'{key}' {err}")
+                bad.append(f"key '{key}' {err}")
                 continue
             for dest, v in mapped.items():
                 put(dest, v, key)
@@ -182,10 +182,11 @@ def load_yaml(path: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
                 )
         else:
             unknown.append(key)
-    problems = []
+    problems = list(bad)
     if unknown:
-        problems.append(f"unknown keys {', '.join(repr(k) for k in unknown)}")
-    problems += bad
+        keys = ", ".join(repr(k) for k in unknown)
+        problems.append(f"unknown key{'s' if len(unknown) > 1 else ''} {keys}")
+        problems.append("see `python pretrain_gpt.py --help` for the settings")
     if problems:
-        fail(f"{path}: {'; '.join(problems)} (see `python pretrain_gpt.py --help` for the settings)")
+        fail(f"{path}: {'; '.join(problems)}")
     return values, extras, notices

@@ -14,9 +14,6 @@ class ParallelArgs:
     """Parallel layout settings: tensor, pipeline, sequence parallelism, recompute, backend."""
 
     tensor_model_parallel_size: int = _f(1, "Tensor-parallel size.", group="parallel")
-    pipeline_model_parallel_size: int = _f(
-        1, "Pipeline-parallel size (only 1 is supported).", group="parallel"
-    )
     sequence_parallel: bool = _f(
         False, "Shard activations outside the TP region along the sequence.", group="parallel"
     )
@@ -54,10 +51,6 @@ def derive_parallel(cfg: Any) -> None:
     tp = cfg.tensor_model_parallel_size
     if tp < 1:
         fail(f"--tensor-model-parallel-size must be >= 1, got {tp}")
-    if cfg.pipeline_model_parallel_size != 1:
-        fail(
-            "--pipeline-model-parallel-size > 1 is not supported by megatron-lite; use tensor and data parallelism"
-        )
     if cfg.world_size % tp != 0:
         fail(f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size {tp}")
     cfg.data_parallel_size = cfg.world_size // tp

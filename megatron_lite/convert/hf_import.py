@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 
+from megatron_lite.arguments.render import as_flags
 from megatron_lite.config import MegatronConfig
 from megatron_lite.convert import gpt2, llama
 from megatron_lite.convert.common import TensorSource, require_hf
@@ -109,14 +110,7 @@ def model_settings(cfg: MegatronConfig) -> dict[str, Any]:
 
 def model_flags(cfg: MegatronConfig) -> list[str]:
     """model_settings as pretrain_gpt.py flags."""
-    flags = []
-    for name, value in model_settings(cfg).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            flags += [flag] if value else []
-        else:
-            flags += [flag, str(value)]
-    return flags
+    return as_flags(model_settings(cfg))
 
 
 def _family_of(hf_dir: Path) -> ModuleType:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from megatron_lite.arguments.report import startup_lines
 from megatron_lite.config import MegatronConfig
 from megatron_lite.core.datasets.builder import build_train_valid_test_datasets
 from megatron_lite.core.models.gpt import GPTModel
@@ -77,6 +78,9 @@ def pretrain(
     matmul_path = configure_matmul_precision(
         pstate.device, cfg.fp32_matmul_precision, group=dist.group.WORLD if pstate.is_distributed else None
     )
+    if pstate.rank == 0:
+        # Megatron's arguments block, then one line per Megatron-only flag saying what it maps to here.
+        print("\n".join(startup_lines(cfg)), flush=True)
     logger = TrainingLogger(cfg, pstate)
     logger.print(f"> {matmul_path}")
     exit_signal = ExitSignal()
