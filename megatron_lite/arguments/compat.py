@@ -49,14 +49,13 @@ _FP8 = _refused(
 )
 _CUDA_GRAPHS = _refused("CUDA graphs are a GPU-only feature that megatron-lite does not implement")
 _TE_OVERLAP = _refused("overlapping TP communication with GEMMs needs Transformer Engine userbuffers on GPUs")
-_NOT_GPT = "is for {} models; megatron-lite trains decoder-only GPT models"
+_NOT_GPT = "{} models only; megatron-lite trains decoder-only GPT models"
 
 # Flags by dest. Order does not matter here; the patterns below apply only to dests not listed.
 _BY_DEST: dict[str, Policy] = {
     "transformer_impl": _switch(
         "megatron-lite's own PyTorch layers (the math of Megatron's local spec); Transformer Engine is never used"
     ),
-    "use_mcore_models": _switch("megatron-lite has one GPT model, built like megatron-core's GPTModel"),
     "deprecated_use_mcore_models": _switch(
         "megatron-lite has one GPT model, built like megatron-core's GPTModel"
     ),
@@ -239,7 +238,7 @@ _BY_GROUP: dict[str, Policy] = {
     "profiling": _refused("profiling ranges are not implemented; wrap the run in torch.profiler"),
 }
 
-_DEFAULT = _refused("is not implemented in megatron-lite")
+_DEFAULT = _refused("not implemented in megatron-lite")
 
 
 def policy(flag: MegatronFlag) -> Policy:
@@ -287,7 +286,7 @@ def check_megatron_args(values: dict[str, Any], source: dict[str, str]) -> list[
         elif p.kind == "later":
             fail(f"{given}: {p.text}")
         else:
-            fail(f"{given}: {p.text if not p.text.startswith('is ') else 'this flag ' + p.text}")
+            fail(f"{given}: {p.text}")
     return notices
 
 

@@ -32,6 +32,13 @@ class ParallelArgs:
     recompute_num_layers: int | None = _f(
         None, "Layers per recompute chunk (uniform) or recomputed (block).", group="parallel"
     )
+    recompute_modules: list[str] | None = _f(
+        None,
+        "Submodules that --recompute-granularity selective reruns in backward: core_attn, mlp, layernorm "
+        "(default: core_attn).",
+        nargs="+",
+        group="parallel",
+    )
     distributed_backend: str | None = _f(
         None,
         "torch.distributed backend (default: nccl on GPU, gloo on CPU).",
@@ -39,6 +46,20 @@ class ParallelArgs:
         group="parallel",
     )
     distributed_timeout_minutes: float = _f(10.0, "Timeout of collectives, in minutes.", group="parallel")
+
+
+# Megatron's --recompute-modules choices: the ones megatron-lite's GPT has, and what the others belong to.
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+_RECOMPUTE_MODULES_ELSEWHERE = {
+    "moe_act": "mixture-of-experts layers",
+    "moe": "mixture-of-experts layers",
+    "shared_experts": "mixture-of-experts layers",
+    "mla_up_proj": "multi-latent attention",
+    "gdn_norm_out": "GatedDeltaNet layers",
+    "gdp_in_proj": "GatedDeltaProduct layers",
+    "gdp_qkv": "GatedDeltaProduct layers",
+    "mhc": "hyper-connections",
+}
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
@@ -72,6 +93,7 @@ def derive_parallel(cfg: Any) -> None:
         cfg.padded_vocab_size = pad_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
     if cfg.recompute_activations:
         cfg.recompute_granularity = "selective"
+    _derive_recompute_modules(cfg)
     if cfg.recompute_granularity == "full":
         if cfg.recompute_method is None:
             fail("--recompute-granularity full needs --recompute-method uniform or block")
@@ -79,3 +101,27 @@ def derive_parallel(cfg: Any) -> None:
             cfg.recompute_num_layers = 1
         if not 1 <= cfg.recompute_num_layers <= cfg.num_layers:
             fail(f"--recompute-num-layers must be between 1 and --num-layers {cfg.num_layers}")
+
+
+def _derive_recompute_modules(cfg: Any) -> None:
+    """Megatron's TransformerConfig rules: the default is core_attn; names are checked for selective only."""
+    if cfg.recompute_modules is None:
+        cfg.recompute_modules = ["core_attn"]
+    if cfg.recompute_granularity != "selective":
+        return
+    if cfg.recompute_method is not None:
+        fail(
+            f"--recompute-method {cfg.recompute_method} is for --recompute-granularity full; selective "
+            "recompute picks its submodules with --recompute-modules"
+        )
+    for name in cfg.recompute_modules:
+        if name in _RECOMPUTE_MODULES_ELSEWHERE:
+            fail(
+                f"--recompute-modules {name}: it recomputes part of {_RECOMPUTE_MODULES_ELSEWHERE[name]}, which "
+                f"megatron-lite's GPT does not have (it has {', '.join(RECOMPUTE_MODULES)})"
+            )
+        if name not in RECOMPUTE_MODULES:
+            fail(
+                f"--recompute-modules {name} is not one of Megatron's submodules; megatron-lite recomputes "
+                f"{', '.join(RECOMPUTE_MODULES)}"
+            )

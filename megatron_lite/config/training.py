@@ -48,7 +48,7 @@ class TrainingArgs:
     loss_scale: float | None = _f(None, "Static loss scale for --fp16 (default dynamic).", group="training")
     initial_loss_scale: float = _f(2.0**32, "Initial dynamic loss scale.", group="training")
     min_loss_scale: float = _f(1.0, "Smallest dynamic loss scale.", group="training")
-    loss_scale_window: int = _f(1000, "Good iterations before the loss scale grows.", group="training")
+    loss_scale_window: float = _f(1000.0, "Good iterations before the loss scale grows.", group="training")
     hysteresis: int = _f(2, "Overflows tolerated before the loss scale shrinks.", group="training")
     max_consecutive_skipped_iterations: int = _f(
         20, "Stop the run after this many non-finite iterations in a row.", group="training"

@@ -115,7 +115,7 @@ class LossScaler:
             cfg.initial_loss_scale,
             dynamic=True,
             min_scale=cfg.min_loss_scale,
-            growth_interval=cfg.loss_scale_window,
+            growth_interval=int(cfg.loss_scale_window),
             hysteresis=cfg.hysteresis,
         )
 
