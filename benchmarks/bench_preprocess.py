@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_lite.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: E402
 from megatron_lite.core.datasets.indexed_dataset import HEADER, MAGIC, IndexedDataset  # noqa: E402
-from megatron_lite.data_preprocessing import preprocess  # noqa: E402
+from megatron_lite.core.datasets.preprocessing import preprocess  # noqa: E402
 from megatron_lite.tokenizer import build_tokenizer  # noqa: E402
 
 CORPORA = ("shakespeare", "kjv", "milton")

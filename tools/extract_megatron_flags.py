@@ -7,7 +7,8 @@ A maintainer's tool, not needed to train: run it when Megatron-LM changes its fl
         --source HEAD=/src/Megatron-LM --output megatron_lite/arguments/megatron_flags.json
 
 Each source is a checkout (its `megatron/` package is imported in a subprocess of its own and
-`add_megatron_arguments` is run on a fresh parser). The later source's definition of a flag wins; the table
+`add_megatron_arguments`, plus ModelOpt's `add_modelopt_args` that its pretrain_gpt.py adds, is run on a
+fresh parser). The later source's definition of a flag wins; the table
 records every version that has it. Modules that need a GPU-only package (triton) are replaced by empty
 stand-ins only as far as importing the argument definitions requires.
 """
@@ -60,6 +61,12 @@ def plain(value):
 
 parser = argparse.ArgumentParser(allow_abbrev=False)
 add_megatron_arguments(parser)
+try:  # pretrain_gpt.py adds ModelOpt's flags when nvidia-modelopt is installed
+    from megatron.post_training.arguments import add_modelopt_args
+except ImportError:
+    add_modelopt_args = None
+if add_modelopt_args is not None:
+    add_modelopt_args(parser)
 rows = []
 for group in parser._action_groups:
     for action in group._group_actions:

@@ -19,18 +19,27 @@ class Policy:
     )
     text: str
     allowed: tuple = ()  # values that already work (besides the default)
+    gate: str | None = None  # a setting that only matters when this dest is set (e.g. pipeline size > 1)
 
 
 def _switch(text: str) -> Policy:
     return Policy("switch", text)
 
 
-def _refused(text: str, *allowed: Any) -> Policy:
-    return Policy("refused", text, allowed)
+def _refused(text: str, *allowed: Any, gate: str | None = None) -> Policy:
+    return Policy("refused", text, allowed, gate)
 
 
-def _later(issue: int, what: str, *allowed: Any) -> Policy:
-    return Policy("later", f"{what} is not implemented yet (issue {issue})", allowed)
+def _later(issue: int, what: str, *allowed: Any, gate: str | None = None) -> Policy:
+    return Policy("later", f"{what} is not implemented yet (issue {issue})", allowed, gate)
+
+
+_PP, _MOE, _CP, _MLA = (
+    "pipeline_model_parallel_size",
+    "num_experts",
+    "context_parallel_size",
+    "multi_latent_attention",
+)
 
 
 _FUSED = _switch(
@@ -129,8 +138,8 @@ _BY_DEST: dict[str, Policy] = {
     ),
     "pipeline_model_parallel_size": _later(13, "pipeline parallelism", 1),
     "context_parallel_size": _later(15, "context parallelism", 1),
-    "cp_comm_type": _later(15, "context parallelism", "p2p"),
-    "hierarchical_context_parallel_sizes": _later(15, "context parallelism"),
+    "cp_comm_type": _later(15, "context parallelism", "p2p", gate=_CP),
+    "hierarchical_context_parallel_sizes": _later(15, "context parallelism", gate=_CP),
     "hybrid_context_parallel": _later(15, "context parallelism"),
     "expert_model_parallel_size": _later(14, "expert parallelism", 1),
     "expert_tensor_parallel_size": _later(14, "expert tensor parallelism"),
@@ -159,17 +168,17 @@ _BY_PATTERN: list[tuple[str, Policy]] = [
     (r"^async_tensor_model_parallel_allreduce$|^gradient_reduce_div_fusion$|^mla_down_proj_fusion$", _FUSED),
     (
         r"pipeline|virtual_stage|_pp_|p2p_comm|^overlap_p2p|^account_for_|^microbatch_group_size",
-        _later(13, "this pipeline setting"),
+        _later(13, "pipeline parallelism", gate=_PP),
     ),
     (
         r"^decoder_(first|last)_pipeline|^use_ring_exchange_p2p$|^defer_embedding_wgrad",
-        _later(13, "this pipeline setting"),
+        _later(13, "pipeline parallelism", gate=_PP),
     ),
-    (r"^moe_|^expert_|^num_moe_experts$", _later(14, "mixture of experts")),
+    (r"^moe_|^expert_|^num_moe_experts$", _later(14, "mixture of experts", gate=_MOE)),
     (
         r"^(q_lora_rank|kv_lora_rank|qk_head_dim|qk_pos_emb_head_dim|v_head_dim|rotary_scaling_factor|mscale|"
         r"mscale_all_dim|cache_mla_latents)$",
-        _later(14, "multi-latent attention"),
+        _later(14, "multi-latent attention", gate=_MLA),
     ),
     (r"^mtp_", _refused("multi-token prediction (--mtp-*) is not implemented")),
     (r"^ckpt_fully_parallel|^dist_ckpt_|^ckpt_pg_", _OWN_SHARDS),
@@ -235,7 +244,12 @@ _BY_GROUP: dict[str, Policy] = {
     "sft": _refused("supervised fine-tuning datasets are not implemented; pretrain on .bin/.idx data"),
     "inference": _switch("no effect on training: a text-generation server setting"),
     "autoresume": _switch("no effect: ADLR autoresume is NVIDIA-internal; resume is automatic with --load"),
-    "profiling": _refused("profiling ranges are not implemented; wrap the run in torch.profiler"),
+    "profiling": _refused(
+        "profiling ranges are not implemented; wrap the run in torch.profiler", gate="profile"
+    ),
+    "modelopt-generic": _refused(
+        "NVIDIA ModelOpt (quantization, distillation, export) is not part of megatron-lite"
+    ),
 }
 
 _DEFAULT = _refused("not implemented in megatron-lite")
@@ -259,12 +273,20 @@ def describe(flag: MegatronFlag) -> str:
 
 
 def _is_default(flag: MegatronFlag, value: Any) -> bool:
-    default = flag.default
-    if isinstance(value, list) and isinstance(default, list):
-        return [str(v) for v in value] == [str(v) for v in default]
-    if value == default:
-        return True
-    return default is not None and str(value) == str(default)
+    """Whether a value equals Megatron's default, allowing for its spelling (`1` and `1.0`, `x` and `[x]`)."""
+
+    def word(item: Any) -> str:
+        if isinstance(item, bool) or item is None:
+            return str(item)
+        try:
+            return str(float(item))
+        except (TypeError, ValueError):
+            return str(item)
+
+    def words(v: Any) -> list[str]:
+        return [word(i) for i in (v if isinstance(v, (list, tuple)) else [v])]
+
+    return value == flag.default or words(value) == words(flag.default)
 
 
 def check_megatron_args(values: dict[str, Any], source: dict[str, str]) -> list[str]:
@@ -283,11 +305,19 @@ def check_megatron_args(values: dict[str, Any], source: dict[str, str]) -> list[
             notices.append(f"{given}: {p.text}")
         elif _is_default(flag, value) or value in p.allowed or str(value) in (str(a) for a in p.allowed):
             continue
+        elif p.gate is not None and not _active(p.gate, values):
+            notices.append(f"{given}: no effect without {table[p.gate].option}")
         elif p.kind == "later":
             fail(f"{given}: {p.text}")
         else:
             fail(f"{given}: {p.text}")
     return notices
+
+
+def _active(dest: str, values: dict[str, Any]) -> bool:
+    """Whether the setting that enables a feature is on (a size above 1, a count, a switch)."""
+    value = values.get(dest)
+    return value not in (None, False, 0, 1)
 
 
 def _given(flag: MegatronFlag, value: Any, yaml_key: str | None) -> str:

@@ -30,6 +30,17 @@ _TRANSFORMER_CONFIG_NAMES: dict[str, typing.Callable[[Any], dict[str, Any]]] = {
     "memory_efficient_layer_norm": lambda v: {},
 }
 
+# Keys that Megatron-LM's own YAML files still carry although its parser has dropped them: (default, what a
+# different value would need).
+_RETIRED_KEYS: dict[str, tuple[Any, str]] = {
+    "standalone_embedding_stage": (False, "pipeline parallelism, not implemented yet (issue 13)"),
+    "pipeline_model_parallel_split_rank": (
+        None,
+        "encoder-decoder pipelines, which megatron-lite does not train",
+    ),
+    "moe_router_topk_limited_devices": (None, "device-limited MoE routing, not implemented yet (issue 14)"),
+}
+
 
 def _activation(name: Any) -> dict[str, Any]:
     choices = {"gelu": {}, "swiglu": {"swiglu": True}, "squaredrelu": {"squared_relu": True}}
@@ -100,12 +111,17 @@ def _coerce_scalar(kind: Any, value: Any, choices: Any) -> Any:
 def _coerce_megatron(flag: MegatronFlag, value: Any) -> Any:
     if flag.action in ("store_true", "store_false", "boolean_optional"):
         return _coerce_scalar(bool, value, None)
-    if flag.nargs not in (None, 0) or isinstance(value, list):
-        return value if isinstance(value, list) else str(value).split()
     kind = {"int": int, "float": float}.get(flag.type or "", None)
-    if kind is None:
-        return value if isinstance(value, (bool, int, float)) else str(value)
-    return _coerce_scalar(kind, value, flag.choices)
+
+    def one(item: Any) -> Any:
+        if kind is None:
+            return item if isinstance(item, (bool, int, float)) else str(item)
+        return _coerce_scalar(kind, item, flag.choices)
+
+    if flag.nargs not in (None, 0) or isinstance(value, list):
+        items = value if isinstance(value, list) else str(value).split()
+        return [one(item) for item in items]
+    return one(value)
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -167,6 +183,10 @@ def load_yaml(path: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
             if flag.action == "store_false" and isinstance(value, bool):
                 value = not value
             put(flag.dest, value, key)
+        elif name in _RETIRED_KEYS:
+            default, needs = _RETIRED_KEYS[name]
+            if value != default:
+                bad.append(f"key '{key}' {value} needs {needs}")
         elif name in _TRANSFORMER_CONFIG_NAMES:
             try:
                 mapped = _TRANSFORMER_CONFIG_NAMES[name](value)

@@ -66,6 +66,9 @@ class MegatronConfig(
             values.setdefault("layernorm_epsilon", values.pop("norm_epsilon"))
         if "disable_bias_linear" in values:
             values.setdefault("add_bias_linear", not values.pop("disable_bias_linear"))
+        # Checkpoints written before --openai-gelu existed computed GELU's tanh form, now the flag's meaning.
+        if "openai_gelu" not in values and not values.get("swiglu") and not values.get("squared_relu"):
+            values["openai_gelu"] = True
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 

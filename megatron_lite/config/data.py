@@ -1,10 +1,11 @@
-"""Dataset settings: paths, splits, caches, masks, loader workers."""
+"""Dataset settings: paths, splits, caches, masks, loader workers, and their check."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from megatron_lite.config.fields import _f
+from megatron_lite.config.fields import _f, fail
 
 
 @dataclass
@@ -30,3 +31,20 @@ class DataArgs:
     )
     reset_attention_mask: bool = _f(False, "Do not attend across end-of-document tokens.", group="data")
     eod_mask_loss: bool = _f(False, "Exclude end-of-document tokens from the loss.", group="data")
+    mmap_bin_files: bool = _f(
+        True, "Memory-map the .bin files (--no-mmap-bin-files: read them with seek+read).", group="data"
+    )
+    create_attention_mask_in_dataloader: bool = _f(
+        True, "Samples carry the [1, s, s] attention mask (True = masked), as in Megatron.", group="data"
+    )
+
+
+def check_data(cfg: Any) -> None:
+    """The dataset options that cannot go together; one line naming the flags."""
+    if getattr(cfg, "reset_attention_mask", False) and not getattr(
+        cfg, "create_attention_mask_in_dataloader", True
+    ):
+        fail(
+            "--reset-attention-mask needs the attention mask that --no-create-attention-mask-in-dataloader "
+            "turns off; drop one of them"
+        )

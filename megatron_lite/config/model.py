@@ -58,7 +58,9 @@ class ModelArgs:
         False, "--apply-layernorm-1p: norms store w (init 0) and scale by 1 + w.", group="model"
     )
     qk_layernorm: bool = _f(
-        False, "Normalize each head's query and key (over head_dim) with the model's norm type.", group="model"
+        False,
+        "Normalize each head's query and key (over head_dim) with the model's norm type.",
+        group="model",
     )
     untie_embeddings_and_output_weights: bool = _f(
         False, "Give the output layer its own weights instead of the input embedding's.", group="model"
@@ -142,7 +144,9 @@ def derive_model(cfg: Any) -> None:
         fail("--squared-relu and --swiglu each pick the MLP's activation; give one of them")
     factor = cfg.rotary_seq_len_interpolation_factor
     if factor is not None and factor < 1:
-        fail(f"--rotary-seq-len-interpolation-factor must be >= 1 (positions are divided by it), got {factor}")
+        fail(
+            f"--rotary-seq-len-interpolation-factor must be >= 1 (positions are divided by it), got {factor}"
+        )
     if cfg.use_rope_scaling and cfg.rope_scaling_factor <= 0:
         fail(f"--rope-scaling-factor must be positive, got {cfg.rope_scaling_factor}")
     cfg.window_size = parse_window_size(cfg.window_size)

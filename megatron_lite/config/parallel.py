@@ -20,6 +20,17 @@ class ParallelArgs:
     use_distributed_optimizer: bool = _f(
         False, "Shard optimizer state over data-parallel ranks.", group="parallel"
     )
+    overlap_grad_reduce: bool = _f(
+        False,
+        "All-reduce gradient buckets during the last micro batch's backward (default: one all-reduce after it).",
+        group="parallel",
+    )
+    overlap_param_gather: bool = _f(
+        False,
+        "With --use-distributed-optimizer: gather the updated parameters asynchronously, each waited for "
+        "only when the next forward reaches it.",
+        group="parallel",
+    )
     recompute_activations: bool = _f(
         False, "Recompute the attention core in backward (selective).", group="parallel"
     )
@@ -75,6 +86,10 @@ def derive_parallel(cfg: Any) -> None:
     if cfg.world_size % tp != 0:
         fail(f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size {tp}")
     cfg.data_parallel_size = cfg.world_size // tp
+    if cfg.overlap_param_gather and not cfg.use_distributed_optimizer:
+        fail("--overlap-param-gather needs --use-distributed-optimizer")
+    if cfg.overlap_param_gather and not cfg.overlap_grad_reduce:
+        fail("--overlap-param-gather needs --overlap-grad-reduce (as in Megatron)")
     if cfg.num_attention_heads % tp != 0:
         fail(
             f"--num-attention-heads {cfg.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}"

@@ -51,6 +51,64 @@ def grad_norm_squared(
     )
 
 
+def micro_batch_loss_weights(
+    num_tokens: torch.Tensor, calculate_per_token_loss: bool, pstate: ParallelState
+) -> torch.Tensor:
+    """Each micro batch's factor on its summed loss, from its non-masked token counts [n] (Megatron's
+    normalisation, token counts clamped to 1).
+
+    Default: 1 / (its own tokens x number of micro batches); DDP then averages over the DP ranks. With
+    --calculate-per-token-loss: 1 / the tokens of the whole global batch (all micro batches, summed over
+    the DP ranks), times the DP size that DDP's average divides by, so the gradient is the global
+    token mean.
+    """
+    if not calculate_per_token_loss:
+        return 1.0 / (num_tokens.clamp(min=1) * len(num_tokens))
+    total = num_tokens.sum()
+    if pstate.dp_size > 1:
+        dist.all_reduce(total, group=pstate.dp_group)
+    return (pstate.dp_size / total.clamp(min=1)).expand(len(num_tokens))
+
+
+def all_reduce_gradients(
+    parameters: Iterable[torch.nn.Parameter],
+    pstate: ParallelState,
+    bucket_numel: int = 40_000_000,
+) -> None:
+    """Average the gradients over the data-parallel ranks after backward (--overlap-grad-reduce off).
+
+    Megatron without the overlap reduces its gradient buffer after the whole backward pass; here the
+    gradients are packed per dtype into flat buckets of at most `bucket_numel` elements (Megatron's
+    default bucket size), each divided by the DP size (before the sum, as torch's DDP) and all-reduced.
+    """
+    if pstate.dp_size <= 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for param in parameters:
+        if param.grad is not None:
+            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+    for grads in by_dtype.values():
+        for bucket in _buckets(grads, bucket_numel):
+            flat = torch.cat([g.reshape(-1) for g in bucket]).div_(pstate.dp_size)
+            dist.all_reduce(flat, group=pstate.dp_group)
+            for grad, chunk in zip(bucket, torch.split(flat, [g.numel() for g in bucket])):
+                grad.copy_(chunk.view_as(grad))
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_numel: int) -> Iterable[list[torch.Tensor]]:
+    """Consecutive runs of tensors of at most bucket_numel elements (a larger tensor is a bucket alone)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for tensor in tensors:
+        if bucket and size + tensor.numel() > bucket_numel:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += tensor.numel()
+    if bucket:
+        yield bucket
+
+
 def params_norm(parameters: Iterable[torch.nn.Parameter], pstate: ParallelState | None = None) -> float:
     """L2 norm of the full model's parameters (--log-params-norm), counting TP shards the same way."""
     params = list(parameters)

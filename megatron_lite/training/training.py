@@ -29,12 +29,15 @@ from megatron_lite.training.data_samplers import build_mock_datasets, build_pret
 from megatron_lite.training.fault_tolerance import collective_failures_as_errors
 from megatron_lite.training.grad_utils import (
     LossScaler,
+    all_reduce_gradients,
     clip_grad_norm,
+    micro_batch_loss_weights,
     params_norm,
 )
 from megatron_lite.training.logger import TrainingLogger
 from megatron_lite.training.lr_schedule import OptimizerParamScheduler
-from megatron_lite.training.optimizer import build_optimizer
+from megatron_lite.training.microbatches import build_num_microbatches_calculator
+from megatron_lite.training.optimizer import build_optimizer, finish_param_sync
 
 ModelProvider = Callable[[MegatronConfig, ParallelState], torch.nn.Module]
 Batch = dict[str, torch.Tensor]
@@ -212,6 +215,8 @@ class Trainer:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.module, cfg, pstate)
         self.scheduler = OptimizerParamScheduler.from_config(self.optimizer, cfg)
+        # Micro batches per step: constant, or growing with the consumed samples (--rampup-batch-size).
+        self.microbatches = build_num_microbatches_calculator(cfg)
         self.scaler = LossScaler.from_config(cfg)
         self.autocast_dtype = _train_dtype(cfg)
         self.iteration = 0
@@ -253,6 +258,7 @@ class Trainer:
             return
         from megatron_lite.training.checkpointing import save_checkpoint
 
+        finish_param_sync(self.optimizer)  # an --overlap-param-gather gather must land before saving
         self.logger.pause()
         save_checkpoint(
             self.cfg.save,
@@ -301,9 +307,12 @@ class Trainer:
         loader = build_pretraining_data_loader(dataset, consumed, self.cfg, self.pstate)
         return iter(loader) if loader is not None else None
 
-    def _next_micro_batches(self, data_iter: Iterator[Batch], what: str) -> list[Batch]:
+    def _next_micro_batches(
+        self, data_iter: Iterator[Batch], what: str, count: int | None = None
+    ) -> list[Batch]:
+        """`count` micro batches (default: those of a full global batch)."""
         batches = []
-        for _ in range(self.cfg.num_microbatches):
+        for _ in range(self.cfg.num_microbatches if count is None else count):
             try:
                 batch = next(data_iter)
             except StopIteration:
@@ -319,7 +328,8 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.pstate.device.type, dtype=self.autocast_dtype)
 
-    def _micro_batch_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def _micro_batch_loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """The summed per-token loss over the micro batch's non-masked tokens (Megatron's loss_func)."""
         with self._autocast():
             per_token = model(
                 batch["tokens"],
@@ -327,33 +337,42 @@ class Trainer:
                 attention_mask=batch.get("attention_mask"),
                 labels=batch["labels"],
             )  # [b, s]
-        mask = batch["loss_mask"].float()
-        return (per_token.float() * mask).sum() / mask.sum()
+        return (per_token.float() * batch["loss_mask"].float()).sum()
 
-    def _dp_mean(self, value: torch.Tensor) -> float:
+    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.pstate.dp_size > 1:
             dist.all_reduce(value, group=self.pstate.dp_group)
-            value = value / self.pstate.dp_size
-        return value.item()
+        return value
+
+    def _grad_sync(self, last: bool):
+        """DDP all-reduces buckets during the last micro batch's backward with --overlap-grad-reduce;
+        without it every backward runs unsynchronised and all_reduce_gradients follows."""
+        if self.ddp is None or (last and self.cfg.overlap_grad_reduce):
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
 
     def train_step(self, batches: list[Batch]) -> tuple[float, float, bool]:
         """Forward/backward over the micro batches, clip, and step unless the loss or gradient is not finite.
 
-        Returns (lm loss averaged over micro batches and DP ranks, grad norm, skipped).
+        Returns (lm loss: summed over the global batch's tokens / its token count, as Megatron logs it;
+        grad norm; skipped).
         """
         cfg = self.cfg
         n = len(batches)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        num_tokens = torch.stack([b["loss_mask"].float().sum() for b in batches])
+        weights = micro_batch_loss_weights(num_tokens, cfg.calculate_per_token_loss, self.pstate)
         loss_sum = torch.zeros((), device=self.pstate.device)
         for i, batch in enumerate(batches):
-            # DDP all-reduces gradients only on the last micro batch of the accumulation.
-            sync = contextlib.nullcontext() if self.ddp is None or i == n - 1 else self.ddp.no_sync()
-            with sync:
-                loss = self._micro_batch_loss(self.model, batch)
-                (loss * (self.scaler.scale / n)).backward()
+            with self._grad_sync(last=i == n - 1):
+                loss = self._micro_batch_loss_sum(self.model, batch)
+                (loss * (weights[i] * self.scaler.scale)).backward()
             loss_sum += loss.detach()
-        lm_loss = self._dp_mean(loss_sum / n)
+        if self.ddp is not None and not cfg.overlap_grad_reduce:
+            all_reduce_gradients(self.params, self.pstate)
+        totals = self._dp_sum(torch.stack([loss_sum, num_tokens.sum()]))
+        lm_loss = (totals[0] / totals[1]).item()
         # Under --sequence-parallel the model's autograd already sums the replicated norms' and biases'
         # partial gradients over the TP group, so the gradients are complete here.
         self.scaler.unscale_(self.params)
@@ -361,25 +380,28 @@ class Trainer:
         skipped = not (math.isfinite(grad_norm) and math.isfinite(lm_loss))
         if not skipped:
             self.optimizer.step()
-            self.scheduler.step(cfg.global_batch_size)
+            # Megatron's increment: the samples this step trained on (its micro batches x mbs x DP).
+            self.scheduler.step(n * cfg.micro_batch_size * self.pstate.dp_size)
         self.scaler.update(found_inf=skipped)
         return lm_loss, grad_norm, skipped
 
     # ---- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, data_iter: Iterator[Batch]) -> float | None:
-        """Mean lm loss over --eval-iters global batches, averaged over DP ranks."""
+        """lm loss over --eval-iters global batches: summed over their tokens on all DP ranks / the token count."""
         self.model.eval()
-        total = torch.zeros((), device=self.pstate.device)
+        totals = torch.zeros(2, device=self.pstate.device)  # (summed loss, tokens), as Megatron's evaluate
         count = 0
         for _ in range(self.cfg.eval_iters):
             for batch in self._next_micro_batches(data_iter, "validation"):
-                total += self._micro_batch_loss(self.model, batch)
+                totals[0] += self._micro_batch_loss_sum(self.model, batch)
+                totals[1] += batch["loss_mask"].float().sum()
                 count += 1
         self.model.train()
         if count == 0:
             return None
-        return self._dp_mean(total / count)
+        totals = self._dp_sum(totals)
+        return (totals[0] / totals[1]).item()
 
     def _evaluate_and_report(self, data_iter: Iterator[Batch] | None, where: str, split: str) -> float | None:
         if data_iter is None or self.cfg.eval_iters == 0:
@@ -420,9 +442,12 @@ class Trainer:
         consecutive_skips = 0
         self.logger.start()
         while self.iteration < cfg.train_iters:
-            loss, grad_norm, skipped = self.train_step(self._next_micro_batches(self.train_iter, "training"))
+            # Megatron sets the step's micro batches from the samples consumed so far (batch ramp-up).
+            self.microbatches.update(self.consumed_train_samples, consistency_check=True)
+            batches = self._next_micro_batches(self.train_iter, "training", self.microbatches.get())
+            loss, grad_norm, skipped = self.train_step(batches)
             self.iteration += 1
-            self.consumed_train_samples += cfg.global_batch_size
+            self.consumed_train_samples += self.microbatches.get_current_running_global_batch_size()
             self.result.losses.append((self.iteration, loss))
             self.skipped_iterations += int(skipped)
             # With dynamic fp16 scaling an overflow is normal until the scale has come down.
@@ -456,6 +481,7 @@ class Trainer:
                 self.logger.print(f"exiting at iteration {self.iteration} ({reason})")
                 self.save()
                 return reason
+        finish_param_sync(self.optimizer)
         return None
 
     def _finish(self) -> TrainResult:
@@ -469,6 +495,7 @@ class Trainer:
 
     def _params_norm_if_logged(self) -> float | None:
         if self.cfg.log_params_norm and self.iteration % self.cfg.log_interval == 0:
+            finish_param_sync(self.optimizer)
             return params_norm(self.module.parameters(), self.pstate)
         return None
 

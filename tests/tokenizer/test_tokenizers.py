@@ -106,10 +106,13 @@ def test_byte_tokenizer_round_trip():
 
 def test_unknown_tokenizer_type_names_flag_and_choices():
     with pytest.raises(UserError) as err:
-        build_tokenizer("SentencePieceTokenizer")
+        build_tokenizer("Nope")
     message = str(err.value)
-    assert "--tokenizer-type" in message and "'SentencePieceTokenizer'" in message
-    assert "GPT2BPETokenizer" in message and "ByteTokenizer" in message
+    assert "--tokenizer-type" in message and "'Nope'" in message
+    assert "GPT2BPETokenizer" in message and "ByteTokenizer" in message and "TikTokenizer" in message
+    # Megatron's classes for other model families: refused in one line that says why.
+    with pytest.raises(UserError, match=r"--tokenizer-type 'BertWordPieceCase' is for BERT models"):
+        build_tokenizer("BertWordPieceCase")
 
 
 def test_missing_vocab_file_is_named(tmp_path):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_lite.core.datasets.indexed_dataset import IndexedDatasetBuilder
-from megatron_lite.data_preprocessing import preprocess
+from megatron_lite.core.datasets.indexed_dataset_builder import IndexedDatasetBuilder
+from megatron_lite.core.datasets.preprocessing import preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "merge_datasets.py"

@@ -73,12 +73,13 @@ def test_output_identical_for_any_workers(shakespeare_outputs):
 
 
 def test_many_small_chunks_same_bytes(tmp_path, monkeypatch):
-    import megatron_lite.data_preprocessing as dp
+    import megatron_lite.core.datasets.preprocessing as dp
+    import megatron_lite.core.datasets.preprocessing.inputs as inputs
 
     lines = [json.dumps({"text": f"doc {i} " * (i % 7), "t": "x" * (i % 3)}) for i in range(3000)]
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    monkeypatch.setattr(dp, "BLOCK_BYTES", 1000)  # ~100 chunks
+    monkeypatch.setattr(inputs, "BLOCK_BYTES", 1000)  # ~100 chunks
     dp.preprocess(
         str(src), str(tmp_path / "a"), json_keys=["text", "t"], append_eod=True, workers=1, log=io.StringIO()
     )

@@ -333,7 +333,7 @@ def test_unwritable_save_directory_stops_the_run_with_one_line(tmp_path):
 
 
 def test_dataset_rewritten_after_its_index_cache_was_built_is_reindexed(tmp_path):
-    from megatron_lite.data_preprocessing import preprocess_main
+    from megatron_lite.core.datasets.preprocessing import preprocess_main
 
     def write_corpus(verse: str, docs: int) -> str:
         corpus = tmp_path / "corpus.jsonl"

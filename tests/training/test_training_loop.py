@@ -262,7 +262,7 @@ def test_sigterm_saves_a_checkpoint_when_asked(tmp_path):
 
 def test_trains_on_preprocessed_text(tmp_path):
     # End to end with the data pipeline: byte-tokenised documents -> .bin/.idx -> GPTDataset -> the loop.
-    from megatron_lite.data_preprocessing import preprocess_main
+    from megatron_lite.core.datasets.preprocessing import preprocess_main
 
     corpus = tmp_path / "corpus.jsonl"
     verse = "Of Mans First Disobedience, and the Fruit Of that Forbidden Tree, whose mortal tast. "

@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "IndexedDataset": "indexed_dataset",
-    "IndexedDatasetBuilder": "indexed_dataset",
+    "IndexedDatasetBuilder": "indexed_dataset_builder",
     "optimal_dtype": "indexed_dataset",
     "GPTDataset": "gpt_dataset",
     "GPTDatasetConfig": "gpt_dataset",

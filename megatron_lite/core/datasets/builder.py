@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_lite.config.data import check_data
 from megatron_lite.core.datasets.blended_dataset import BlendedDataset
 from megatron_lite.core.datasets.blended_dataset import default_cache_dir as blended_cache_dir
 from megatron_lite.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -68,6 +69,7 @@ def build_train_valid_test_datasets(
     In a distributed run call this on every rank with `is_builder=True` on exactly one rank (rank 0)
     and a `barrier` over all ranks: rank 0 writes the index caches, the others then read them.
     """
+    check_data(cfg)
     return _Builder(cfg, tokenizer, is_builder, barrier).build(num_samples)
 
 
@@ -149,6 +151,7 @@ class _Builder:
             reset_attention_mask=bool(getattr(self.cfg, "reset_attention_mask", False)),
             eod_mask_loss=bool(getattr(self.cfg, "eod_mask_loss", False)),
             data_cache_path=getattr(self.cfg, "data_cache_path", None),
+            create_attention_mask=bool(getattr(self.cfg, "create_attention_mask_in_dataloader", True)),
         )
         parts = []
         for prefix, weight in blend:
@@ -189,7 +192,7 @@ class _Builder:
 
     def _open(self, prefix: str) -> IndexedDataset:
         if prefix not in self.opened:
-            dataset = IndexedDataset(prefix)
+            dataset = IndexedDataset(prefix, mmap_bin_files=bool(getattr(self.cfg, "mmap_bin_files", True)))
             self._check_vocab(dataset)
             self.opened[prefix] = dataset
         return self.opened[prefix]

@@ -39,6 +39,9 @@ class GPTDatasetConfig:
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
     data_cache_path: str | None = None
+    # Megatron's create_attention_mask (--no-create-attention-mask-in-dataloader turns it off): samples
+    # carry the [1, s, s] mask. The model needs it only with reset_attention_mask; it is causal otherwise.
+    create_attention_mask: bool = True
 
 
 def default_cache_dir(dataset_path: str, kind: str) -> str:
@@ -99,7 +102,7 @@ class GPTDataset(torch.utils.data.Dataset):
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
         self.shuffle_index = arrays["shuffle_index"]
-        self._plain_masks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._plain_masks: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
 
     # -- indices ------------------------------------------------------------------------------------
 
@@ -159,14 +162,28 @@ class GPTDataset(torch.utils.data.Dataset):
         if not (cfg.reset_position_ids or cfg.reset_attention_mask or cfg.eod_mask_loss):
             # Without the three options the masks never change: build them once.
             if self._plain_masks is None:
-                s = len(tokens)
-                self._plain_masks = (torch.ones(s, dtype=torch.float32), torch.arange(s, dtype=torch.int64))
-            loss_mask, position_ids = (t.clone() for t in self._plain_masks)
-            return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
-        attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
-            tokens, cfg.eod, cfg.reset_position_ids, cfg.reset_attention_mask, cfg.eod_mask_loss
-        )
-        sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+                self._plain_masks = get_ltor_masks_and_position_ids(
+                    tokens, cfg.eod, False, False, False, create_attention_mask=cfg.create_attention_mask
+                )
+            # The causal mask is shared by every sample, as Megatron caches it: collation copies it into
+            # the batch, and copying s*s bytes per sample would cost more than reading the tokens.
+            attention_mask, loss_mask, position_ids = self._plain_masks
+            sample = {
+                "tokens": tokens,
+                "labels": labels,
+                "loss_mask": loss_mask.clone(),
+                "position_ids": position_ids.clone(),
+            }
+        else:
+            attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
+                tokens,
+                cfg.eod,
+                cfg.reset_position_ids,
+                cfg.reset_attention_mask,
+                cfg.eod_mask_loss,
+                create_attention_mask=cfg.create_attention_mask,
+            )
+            sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
         if attention_mask is not None:
             sample["attention_mask"] = attention_mask
         return sample
@@ -178,11 +195,14 @@ def get_ltor_masks_and_position_ids(
     reset_position_ids: bool,
     reset_attention_mask: bool,
     eod_mask_loss: bool,
+    *,
+    create_attention_mask: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Left-to-right masks for one sample (Megatron's _get_ltor_masks_and_position_ids, vectorised).
 
-    Returns (attention_mask [1,s,s] bool with True = masked, only with reset_attention_mask;
-    loss_mask [s] float32; position_ids [s] int64). Positions and attention restart after each eod.
+    Returns (attention_mask [1,s,s] bool with True = masked, made when create_attention_mask or
+    reset_attention_mask, else None; loss_mask [s] float32; position_ids [s] int64). Positions and
+    (with reset_attention_mask) attention restart after each eod.
     """
     s = tokens.numel()
     positions = torch.arange(s, dtype=torch.int64)
@@ -200,10 +220,12 @@ def get_ltor_masks_and_position_ids(
         ).values
         position_ids = positions - last_start
     attention_mask = None
-    if reset_attention_mask:
-        segment = torch.cumsum(after_eod.to(torch.int64), dim=0)
-        future = positions[None, :] > positions[:, None]
-        attention_mask = (future | (segment[None, :] != segment[:, None])).unsqueeze(0)
+    if create_attention_mask or reset_attention_mask:
+        attention_mask = positions[None, :] > positions[:, None]  # the future is masked
+        if reset_attention_mask:
+            segment = torch.cumsum(after_eod.to(torch.int64), dim=0)
+            attention_mask |= segment[None, :] != segment[:, None]
+        attention_mask = attention_mask.unsqueeze(0)
     return attention_mask, loss_mask, position_ids
 
 

@@ -8,7 +8,7 @@ import pytest
 from megatron_lite.core.datasets.blended_dataset import BlendedDataset
 from megatron_lite.core.datasets.builder import build_train_valid_test_datasets, parse_blend
 from megatron_lite.core.datasets.gpt_dataset import GPTDataset
-from megatron_lite.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron_lite.core.datasets.indexed_dataset_builder import IndexedDatasetBuilder
 from megatron_lite.core.datasets.utils import parse_and_normalize_split, split_indices, split_matrix
 from megatron_lite.errors import UserError
 

@@ -14,7 +14,8 @@ from megatron_lite.core.datasets.gpt_dataset import (
     build_sample_index,
     get_ltor_masks_and_position_ids,
 )
-from megatron_lite.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron_lite.core.datasets.indexed_dataset import IndexedDataset
+from megatron_lite.core.datasets.indexed_dataset_builder import IndexedDatasetBuilder
 
 EOD = 99
 

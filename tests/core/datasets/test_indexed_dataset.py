@@ -7,7 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from megatron_lite.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, optimal_dtype
+from megatron_lite.core.datasets.indexed_dataset import IndexedDataset, optimal_dtype
+from megatron_lite.core.datasets.indexed_dataset_builder import IndexedDatasetBuilder
 from megatron_lite.errors import UserError
 
 

@@ -1,4 +1,5 @@
-"""Causal self-attention: fused QKV projection, RoPE, GQA, KV cache, core attention and output projection."""
+"""Causal self-attention: fused QKV projection, q/k norms, RoPE, GQA, KV cache, sliding window, core attention
+and output projection."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from megatron_lite.config import MegatronConfig
 from megatron_lite.core.models.gpt.kv_cache import KVCache
+from megatron_lite.core.models.gpt.norms import build_norm
 from megatron_lite.core.models.gpt.rope import apply_rotary_pos_emb
 from megatron_lite.core.tensor_parallel import (
     ColumnParallelLinear,
@@ -28,13 +30,24 @@ class DotProductAttention(nn.Module):
     Without active dropout this is F.scaled_dot_product_attention. With it, the probabilities are
     formed explicitly so the dropout runs through the tracker's model-parallel stream (each TP rank
     holds different heads and must draw different masks) and is replayed exactly by recompute.
+
+    window_left (--window-size left,0): sliding-window attention, each query sees itself and the
+    window_left positions before it; None attends to every earlier position.
     """
 
-    def __init__(self, attention_dropout: float, num_heads: int, num_groups: int, head_dim: int) -> None:
+    def __init__(
+        self,
+        attention_dropout: float,
+        num_heads: int,
+        num_groups: int,
+        head_dim: int,
+        window_left: int | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads  # per TP rank
         self.num_groups = num_groups  # per TP rank
         self.head_dim = head_dim
+        self.window_left = window_left
         self.scale = 1.0 / math.sqrt(head_dim)
         self.attention_dropout = Dropout(attention_dropout, use_model_parallel_rng=True)
 
@@ -53,14 +66,17 @@ class DotProductAttention(nn.Module):
         sk = key.shape[0]
         explicit = self.training and self.attention_dropout.p > 0.0
         if sq == 1 and sk > 1 and attention_mask is None and not explicit:
-            return attend_newest(query, key, value)  # a decoding step with a KV cache
+            return attend_newest(query, key, value, self.window_left)  # a decoding step with a KV cache
         q = query.permute(1, 2, 0, 3)  # [b, heads, sq, d]
         k = key.permute(1, 2, 0, 3)  # [b, groups, sk, d]
         v = value.permute(1, 2, 0, 3)
         keep = None  # [.., sq, sk] True = may attend
-        if attention_mask is not None or sq != sk:
-            positions = torch.arange(sk, device=query.device)
-            keep = positions[None, :] <= positions[sk - sq :, None]  # causal, offset by the cache
+        if attention_mask is not None or sq != sk or self.window_left is not None:
+            keys = torch.arange(sk, device=query.device)[None, :]
+            queries = torch.arange(sk - sq, sk, device=query.device)[:, None]  # offset by the cache
+            keep = keys <= queries  # causal
+            if self.window_left is not None:
+                keep = keep & (keys >= queries - self.window_left)
             if attention_mask is not None:
                 keep = keep & ~attention_mask
         if explicit:
@@ -92,11 +108,16 @@ class DotProductAttention(nn.Module):
         return torch.matmul(probs, v)  # [b, heads, sq, d]
 
 
-def attend_newest(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def attend_newest(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window_left: int | None = None
+) -> torch.Tensor:
     """Attention of the newest position alone: query [1, b, heads, d], key/value [sk, b, groups, d] ->
-    [1, b, heads*d]. The one query may attend to every key, so there is no mask to build (per layer
-    and step at batch 1 that costs more than the attention itself); inference only (no dropout)."""
+    [1, b, heads*d]. The one query may attend to every key (or, with a sliding window, to the last
+    window_left + 1), so there is no mask to build (per layer and step at batch 1 that costs more than
+    the attention itself); inference only (no dropout)."""
     b, heads, d = query.shape[1:]
+    if window_left is not None:
+        key, value = key[-(window_left + 1) :], value[-(window_left + 1) :]
     out = F.scaled_dot_product_attention(
         query.permute(1, 2, 0, 3),  # [b, heads, 1, d]
         key.permute(1, 2, 0, 3),  # [b, groups, sk, d]
@@ -120,7 +141,10 @@ class SelfAttention(nn.Module):
         self.layer_number = layer_number
         self.head_dim = cfg.kv_channels
         self.heads_per_group = cfg.num_attention_heads // cfg.num_query_groups
-        self.recompute_core_attention = cfg.recompute_granularity == "selective"
+        self.recompute_core_attention = (
+            cfg.recompute_granularity == "selective" and "core_attn" in cfg.recompute_modules
+        )
+        self.rotary_interleaved = cfg.rotary_interleaved
         group_size = (self.heads_per_group + 2) * self.head_dim  # rows of one group: its q heads, k, v
         self.linear_qkv = ColumnParallelLinear(
             cfg.hidden_size,
@@ -133,8 +157,19 @@ class SelfAttention(nn.Module):
         # This rank's share of the groups (and so of the heads) is whatever its QKV shard holds.
         self.num_groups = self.linear_qkv.output_size_per_partition // group_size
         self.num_heads = self.num_groups * self.heads_per_group
+        # --qk-layernorm: one norm over head_dim shared by all heads (replicated; each TP rank's gradient
+        # covers only its heads, so build_norm sums it over TP).
+        self.q_layernorm = self.k_layernorm = None
+        if cfg.qk_layernorm:
+            self.q_layernorm = build_norm(cfg, tp_group, self.head_dim, per_head=True)
+            self.k_layernorm = build_norm(cfg, tp_group, self.head_dim, per_head=True)
+        window = cfg.window_size
         self.core_attention = DotProductAttention(
-            cfg.attention_dropout, self.num_heads, self.num_groups, self.head_dim
+            cfg.attention_dropout,
+            self.num_heads,
+            self.num_groups,
+            self.head_dim,
+            window_left=window[0] if window is not None and window[0] >= 0 else None,
         )
         self.linear_proj = RowParallelLinear(
             cfg.num_attention_heads * self.head_dim,
@@ -177,21 +212,23 @@ class SelfAttention(nn.Module):
         """
         query, key, value = self._split_qkv(qkv, rotary)
         key, value = kv_cache.update(self.layer_number, key, value)  # [cached + 1, b, groups, d]
-        return attend_newest(query, key, value)  # [1, b, heads*d]
+        return attend_newest(query, key, value, self.core_attention.window_left)  # [1, b, heads*d]
 
     def _split_qkv(
         self, qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fused [s, b, groups * (heads/group + 2) * d] -> query [s, b, heads, d], key and value
-        [s, b, groups, d], with RoPE applied to query and key."""
+        [s, b, groups, d], with the q/k norms and then RoPE applied to query and key (Megatron's order)."""
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.num_groups, (self.heads_per_group + 2) * self.head_dim)
         query, key, value = qkv.split(
             [self.heads_per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1
         )
         query = query.reshape(s, b, self.num_heads, self.head_dim)
+        if self.q_layernorm is not None:
+            query, key = self.q_layernorm(query), self.k_layernorm(key)
         if rotary is not None:
             cos, sin = rotary
-            query = apply_rotary_pos_emb(query, cos, sin)
-            key = apply_rotary_pos_emb(key, cos, sin)
+            query = apply_rotary_pos_emb(query, cos, sin, self.rotary_interleaved)
+            key = apply_rotary_pos_emb(key, cos, sin, self.rotary_interleaved)
         return query, key, value

@@ -28,7 +28,7 @@ class DecodePlan:
     looked up once, when the plan is built for a KV cache. A step at batch 1 is ~25 matrix-vector
     products plus many tiny ops whose Python and dispatch overhead is a good part of the time: this
     skips the module calls, identity TP mappings and causal-mask logic of the general path, and runs the
-    products with kv_cache.decode_linear. Norms other than LayerNorm are called as modules; hooks on
+    products with kv_cache.decode_linear. Norms other than plain LayerNorm are called as modules; hooks on
     the other modules do not run in these steps. The plan holds the parameters it looked up, so a
     model changed in place is seen, a replaced parameter only by a new cache. The logits equal the
     general path's up to fp32 rounding (the order of the bias add, the matrix-vector kernel).
@@ -64,19 +64,15 @@ class DecodePlan:
             context = layer.attention.decode_attention(qkv, rotary, kv_cache)  # [1, b, heads*d]
             hidden = hidden + linear(context, *layer.proj)
             intermediate = linear(layer.pre_mlp_layernorm(hidden), *layer.fc1)  # [1, b, ffn] (x2 SwiGLU)
-            if layer.swiglu:
-                gate, up = intermediate.chunk(2, dim=-1)
-                intermediate = F.silu(gate) * up
-            else:
-                intermediate = F.gelu(intermediate, approximate="tanh")
-            hidden = hidden + linear(intermediate, *layer.fc2)
+            hidden = hidden + linear(layer.activation_func(intermediate), *layer.fc2)
         return linear(self.final_layernorm(hidden), self.output_weight, None)  # [1, b, V_pad]
 
 
 @dataclass(frozen=True)
 class DecodeLayer:
-    """A TransformerLayer as DecodePlan runs it: its norms, its attention (for decode_attention), the
-    (weight, bias) of its four products, and whether its MLP is SwiGLU (else tanh-GELU)."""
+    """A TransformerLayer as DecodePlan runs it: its norms, its attention (for decode_attention, which
+    applies the q/k norms, RoPE and the sliding window), the (weight, bias) of its four products, and
+    its MLP's activation."""
 
     input_layernorm: Callable[[torch.Tensor], torch.Tensor]
     attention: SelfAttention
@@ -85,7 +81,7 @@ class DecodeLayer:
     pre_mlp_layernorm: Callable[[torch.Tensor], torch.Tensor]
     fc1: tuple[torch.Tensor, torch.Tensor | None]
     fc2: tuple[torch.Tensor, torch.Tensor | None]
-    swiglu: bool
+    activation_func: Callable[[torch.Tensor], torch.Tensor]
 
     @classmethod
     def of(cls, layer: TransformerLayer) -> DecodeLayer:
@@ -98,14 +94,15 @@ class DecodeLayer:
             pre_mlp_layernorm=_norm_function(layer.pre_mlp_layernorm),
             fc1=(mlp.linear_fc1.weight, mlp.linear_fc1.bias),
             fc2=(mlp.linear_fc2.weight, mlp.linear_fc2.bias),
-            swiglu=mlp.swiglu,
+            activation_func=mlp.activation_func,
         )
 
 
 def _norm_function(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """LayerNorm as F.layer_norm on its weights (what its forward computes without sequence
-    parallelism), saving the module call; any other norm is called as the module."""
-    if type(norm) is LayerNorm:
+    parallelism), saving the module call; any other norm (RMSNorm, a zero-centred LayerNorm, whose
+    scale 1 + weight would go stale in a plan) is called as the module."""
+    if type(norm) is LayerNorm and not norm.zero_centered_gamma:
         return functools.partial(
             F.layer_norm, normalized_shape=norm.weight.shape, weight=norm.weight, bias=norm.bias, eps=norm.eps
         )

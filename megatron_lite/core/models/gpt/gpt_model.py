@@ -55,7 +55,15 @@ class GPTModel(nn.Module):
             torch.default_generator.manual_seed(cfg.seed)
             self.embedding = LanguageModelEmbedding(cfg, self.tp_group)
             self.rotary_pos_emb = (
-                RotaryEmbedding(cfg.kv_channels, cfg.rotary_percent, cfg.rotary_base)
+                RotaryEmbedding(
+                    cfg.kv_channels,
+                    cfg.rotary_percent,
+                    cfg.rotary_base,
+                    rotary_interleaved=cfg.rotary_interleaved,
+                    seq_len_interpolation_factor=cfg.rotary_seq_len_interpolation_factor,
+                    rope_scaling=cfg.use_rope_scaling,
+                    rope_scaling_factor=cfg.rope_scaling_factor,
+                )
                 if cfg.position_embedding_type == "rope"
                 else None
             )

@@ -1,6 +1,8 @@
-"""The feed-forward block: fc1 (column-parallel) -> tanh-GELU or SwiGLU -> fc2 (row-parallel)."""
+"""The feed-forward block: fc1 (column-parallel) -> activation (GELU, SwiGLU, squared ReLU) -> fc2 (row-parallel)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -16,6 +18,37 @@ from megatron_lite.core.tensor_parallel import (
 )
 
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """The exact GELU, x * Phi(x) with the normal CDF: Megatron core's default activation."""
+    return F.gelu(x)
+
+
+def openai_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation (--openai-gelu; GPT-2's "gelu_new")."""
+    return F.gelu(x, approximate="tanh")
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (--squared-relu)."""
+    return F.relu(x).square()
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """[gate; up] [..., 2 * ffn] -> silu(gate) * up [..., ffn] (--swiglu)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def activation_func(cfg: MegatronConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLP activation cfg picks, as Megatron: --swiglu, else --squared-relu, else GELU (exact, or tanh
+    with --openai-gelu)."""
+    if cfg.swiglu:
+        return swiglu
+    if cfg.squared_relu:
+        return squared_relu
+    return openai_gelu if cfg.openai_gelu else gelu
+
+
 class MLP(nn.Module):
     """fc2(act(fc1(x))); with SwiGLU fc1 outputs [gate; up] (2 x ffn) and act is silu(gate) * up.
 
@@ -25,7 +58,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: MegatronConfig, tp_group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
-        self.swiglu = cfg.swiglu
+        self.activation_func = activation_func(cfg)
         self.linear_fc1 = ColumnParallelLinear(
             cfg.hidden_size,
             cfg.ffn_hidden_size * (2 if cfg.swiglu else 1),
@@ -48,10 +81,8 @@ class MLP(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [s, b, h] ([s/tp, b, h] under sequence parallelism) -> same shape."""
         intermediate, _ = self.linear_fc1(hidden)  # [s, b, ffn/tp] (x2 with SwiGLU)
-        if self.swiglu:
-            gate, up = intermediate.chunk(2, dim=-1)
-            intermediate = F.silu(gate) * up
-        else:
-            intermediate = F.gelu(intermediate, approximate="tanh")
-        out, _ = self.linear_fc2(intermediate)
+        out, _ = self.linear_fc2(self.activation_func(intermediate))  # activation: [s, b, ffn/tp]
         return out
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation_func.__name__}"

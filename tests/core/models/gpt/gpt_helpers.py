@@ -80,6 +80,8 @@ def saved_bytes_for_backward(
 
 def _norm(cfg: MegatronConfig, x: torch.Tensor, state: dict, prefix: str) -> torch.Tensor:
     weight = state[prefix + ".weight"]
+    if cfg.layernorm_zero_centered_gamma:
+        weight = weight + 1
     if cfg.normalization == "RMSNorm":
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.layernorm_epsilon) * weight
     mean = x.mean(-1, keepdim=True)
@@ -87,23 +89,71 @@ def _norm(cfg: MegatronConfig, x: torch.Tensor, state: dict, prefix: str) -> tor
     return (x - mean) / torch.sqrt(var + cfg.layernorm_epsilon) * weight + state[prefix + ".bias"]
 
 
+def rope_frequencies(cfg: MegatronConfig) -> torch.Tensor:
+    """[dim/2] float64 base^(-2i/dim), with Llama 3.1's piecewise scaling (1, 4, 8192) under --use-rope-scaling."""
+    dim = int(cfg.kv_channels * cfg.rotary_percent)
+    freqs = cfg.rotary_base ** (-torch.arange(dim // 2, dtype=torch.float64) * 2 / dim)
+    if not cfg.use_rope_scaling:
+        return freqs
+    factor, scaled = cfg.rope_scaling_factor, []
+    for f in freqs.tolist():
+        wavelength = 2 * math.pi / f
+        if wavelength < 8192 / 4:  # high frequencies: unchanged
+            scaled.append(f)
+        elif wavelength > 8192 / 1:  # low frequencies: divided by the factor
+            scaled.append(f / factor)
+        else:  # between: a blend, linear in 8192 / wavelength
+            t = (8192 / wavelength - 1) / (4 - 1)
+            scaled.append((1 - t) * f / factor + t * f)
+    return torch.tensor(scaled, dtype=torch.float64)
+
+
 def _rope(x: torch.Tensor, positions: torch.Tensor, cfg: MegatronConfig) -> torch.Tensor:
-    """Rotate pairs (i, i + dim/2) of the first dim channels by position * base^(-2i/dim), via complex numbers."""
+    """Rotate channel pairs of the first dim channels by position * frequency, via complex numbers: pairs
+    (i, i + dim/2), or (2i, 2i + 1) with --rotary-interleaved; positions divided by the interpolation factor."""
     dim = int(cfg.kv_channels * cfg.rotary_percent)
     half = dim // 2
-    freqs = cfg.rotary_base ** (-torch.arange(half, dtype=torch.float64) * 2 / dim)
-    angle = positions.double()[:, :, None, None] * freqs  # [b, s, 1, half]
-    pairs = torch.complex(x[..., :half].double(), x[..., half:dim].double()) * torch.polar(
-        torch.ones_like(angle), angle
-    )
-    rotated = torch.cat([pairs.real, pairs.imag], dim=-1).to(x.dtype)
-    return torch.cat([rotated, x[..., dim:]], dim=-1)
+    positions = positions.double()
+    if cfg.rotary_seq_len_interpolation_factor is not None:
+        positions = positions / cfg.rotary_seq_len_interpolation_factor
+    angle = positions[:, :, None, None] * rope_frequencies(cfg)  # [b, s, 1, half]
+    x_rot = x[..., :dim].double()
+    if cfg.rotary_interleaved:
+        first, second = x_rot[..., 0::2], x_rot[..., 1::2]
+    else:
+        first, second = x_rot[..., :half], x_rot[..., half:]
+    pairs = torch.complex(first, second) * torch.polar(torch.ones_like(angle), angle)
+    if cfg.rotary_interleaved:
+        rotated = torch.stack([pairs.real, pairs.imag], dim=-1).flatten(-2)
+    else:
+        rotated = torch.cat([pairs.real, pairs.imag], dim=-1)
+    return torch.cat([rotated.to(x.dtype), x[..., dim:]], dim=-1)
 
 
 def _linear(x: torch.Tensor, state: dict, prefix: str) -> torch.Tensor:
     out = x @ state[prefix + ".weight"].t()
     bias = state.get(prefix + ".bias")
     return out if bias is None else out + bias
+
+
+def _activation(cfg: MegatronConfig, x: torch.Tensor) -> torch.Tensor:
+    if cfg.swiglu:
+        gate, up = x[..., : cfg.ffn_hidden_size], x[..., cfg.ffn_hidden_size :]
+        return gate * torch.sigmoid(gate) * up
+    if cfg.squared_relu:
+        return x.clamp(min=0) ** 2
+    if cfg.openai_gelu:
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def attention_keep_mask(cfg: MegatronConfig, s: int) -> torch.Tensor:
+    """[s, s] True where query i may attend to key j: j <= i, and j >= i - left with --window-size left,0."""
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    keep = j <= i
+    if cfg.window_size is not None and cfg.window_size[0] >= 0:
+        keep &= j >= i - cfg.window_size[0]
+    return keep
 
 
 def reference_logits(cfg: MegatronConfig, state: dict, tokens: torch.Tensor) -> torch.Tensor:
@@ -114,29 +164,27 @@ def reference_logits(cfg: MegatronConfig, state: dict, tokens: torch.Tensor) -> 
     x = state["embedding.word_embeddings.weight"][tokens]
     if cfg.position_embedding_type == "learned_absolute":
         x = x + state["embedding.position_embeddings.weight"][positions]
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    keep = attention_keep_mask(cfg, s)
     for i in range(cfg.num_layers):
         p = f"decoder.layers.{i}."
         qkv = _linear(_norm(cfg, x, state, p + "input_layernorm"), state, p + "self_attention.linear_qkv")
         qkv = qkv.view(b, s, g, a // g + 2, d)  # per group: a/g query heads, then k, then v
         q = qkv[:, :, :, : a // g].reshape(b, s, a, d)
         k, v = qkv[:, :, :, a // g], qkv[:, :, :, a // g + 1]  # [b, s, g, d]
+        if cfg.qk_layernorm:  # one norm over head_dim, shared by the heads
+            q = _norm(cfg, q, state, p + "self_attention.q_layernorm")
+            k = _norm(cfg, k, state, p + "self_attention.k_layernorm")
         if cfg.position_embedding_type == "rope":
             q, k = _rope(q, positions, cfg), _rope(k, positions, cfg)
         heads = []
         for h in range(a):
             group = h // (a // g)
             scores = q[:, :, h] @ k[:, :, group].transpose(1, 2) / math.sqrt(d)  # [b, s, s]
-            probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
             heads.append(probs @ v[:, :, group])
         x = x + _linear(torch.cat(heads, dim=-1), state, p + "self_attention.linear_proj")
         hidden = _linear(_norm(cfg, x, state, p + "pre_mlp_layernorm"), state, p + "mlp.linear_fc1")
-        if cfg.swiglu:
-            gate, up = hidden[..., : cfg.ffn_hidden_size], hidden[..., cfg.ffn_hidden_size :]
-            hidden = gate * torch.sigmoid(gate) * up
-        else:
-            hidden = 0.5 * hidden * (1 + torch.tanh(math.sqrt(2 / math.pi) * (hidden + 0.044715 * hidden**3)))
-        x = x + _linear(hidden, state, p + "mlp.linear_fc2")
+        x = x + _linear(_activation(cfg, hidden), state, p + "mlp.linear_fc2")
     x = _norm(cfg, x, state, "decoder.final_layernorm")
     out_weight = state.get("output_layer.weight", state["embedding.word_embeddings.weight"])
     return (x @ out_weight.t())[..., : cfg.vocab_size]
