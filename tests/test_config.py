@@ -5,6 +5,7 @@ import pytest
 from megatron_lite.arguments import parse_config
 from megatron_lite.config import MegatronConfig, pad_vocab_size
 from megatron_lite.errors import UserError
+from tests.helpers import tiny_config
 
 BASE = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
@@ -113,7 +114,7 @@ def test_finalize_twice_gives_the_same_config():
         (
             "--pipeline-model-parallel-size 2",
             1,
-            "--pipeline-model-parallel-size > 1 is not supported by megatron-lite; use tensor and data parallelism",
+            "--pipeline-model-parallel-size 2: pipeline parallelism is not implemented yet (issue 13)",
         ),
         (
             "--group-query-attention --num-query-groups 3",
@@ -161,3 +162,14 @@ def test_round_trip_through_dict_ignores_unknown_keys():
     data = cfg.to_dict()
     data["a_key_from_a_newer_version"] = 1
     assert MegatronConfig.from_dict(data) == cfg
+
+
+def test_padded_vocab_size_sets_the_embedding_rows_and_is_checked():
+    from megatron_lite.core.models.gpt.gpt_model import GPTModel
+
+    cfg = tiny_config(vocab_size=64, padded_vocab_size=72)
+    assert cfg.padded_vocab_size == 72
+    assert GPTModel(cfg).embedding.word_embeddings.weight.shape == (72, 32)
+    assert tiny_config(vocab_size=64).padded_vocab_size == 128  # default: a multiple of 128 x TP
+    with pytest.raises(UserError, match=r"^--padded-vocab-size 60 must be at least the vocabulary size 64"):
+        tiny_config(vocab_size=64, padded_vocab_size=60)

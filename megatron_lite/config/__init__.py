@@ -35,7 +35,12 @@ class MegatronConfig(
     # Derived by finalize(), not flags.
     world_size: int = _f(1, "Number of processes.", derived=True)
     data_parallel_size: int = _f(1, "world / TP.", derived=True)
-    padded_vocab_size: int | None = _f(None, "Vocabulary padded for TP and speed.", derived=True)
+    padded_vocab_size: int | None = _f(
+        None,
+        "Vocabulary rows of the model (default: the tokenizer's vocabulary padded to a multiple of "
+        "--make-vocab-size-divisible-by x TP).",
+        group="tokenizer",
+    )
 
     @property
     def num_microbatches(self) -> int:

@@ -104,7 +104,15 @@ def derive_parallel(cfg: Any) -> None:
         cfg.sequence_parallel = False
     if cfg.sequence_parallel and cfg.seq_length % tp != 0:
         fail(f"--sequence-parallel needs --seq-length {cfg.seq_length} divisible by TP size {tp}")
-    if cfg.vocab_size is not None:
+    if cfg.padded_vocab_size is not None:
+        if cfg.padded_vocab_size % tp != 0 or (
+            cfg.vocab_size is not None and cfg.padded_vocab_size < cfg.vocab_size
+        ):
+            fail(
+                f"--padded-vocab-size {cfg.padded_vocab_size} must be at least the vocabulary size "
+                f"{cfg.vocab_size} and divisible by --tensor-model-parallel-size {tp}"
+            )
+    elif cfg.vocab_size is not None:
         cfg.padded_vocab_size = pad_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
     if cfg.recompute_activations:
         cfg.recompute_granularity = "selective"

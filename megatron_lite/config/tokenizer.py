@@ -77,9 +77,7 @@ class TokenizerArgs:
     tiktoken_special_tokens: list[str] | None = _f(
         None, "TikTokenizer special tokens (default <unk> <s> </s>).", nargs="+", group="data"
     )
-    vocab_extra_ids: int = _f(
-        0, "SentencePieceTokenizer: add <extra_id_0>.. sentinel tokens.", group="data"
-    )
+    vocab_extra_ids: int = _f(0, "SentencePieceTokenizer: add <extra_id_0>.. sentinel tokens.", group="data")
     trust_remote_code: bool = _f(
         False, "HuggingFaceTokenizer: allow the tokenizer directory's own Python code.", group="data"
     )
@@ -129,7 +127,9 @@ def _check_null(cfg: Any) -> None:
         fail("--tokenizer-type NullTokenizer needs --vocab-size N (ids 0..N-1; end of document N-1)")
     eod = cfg.null_tokenizer_eod_id
     if eod is not None and not 0 <= eod < cfg.vocab_size:
-        fail(f"--null-tokenizer-eod-id {eod} is outside the vocabulary 0..{cfg.vocab_size - 1} (--vocab-size)")
+        fail(
+            f"--null-tokenizer-eod-id {eod} is outside the vocabulary 0..{cfg.vocab_size - 1} (--vocab-size)"
+        )
 
 
 def _check_tiktoken(cfg: Any) -> None:
@@ -139,7 +139,9 @@ def _check_tiktoken(cfg: Any) -> None:
         fail(f"--tiktoken-special-tokens {' '.join(specials)}: a token is listed twice")
     missing = [t for t in TIKTOKEN_REQUIRED_SPECIAL_TOKENS if t not in specials]
     if missing:
-        fail(f"--tiktoken-special-tokens must include {' '.join(TIKTOKEN_REQUIRED_SPECIAL_TOKENS)}; missing {' '.join(missing)}")
+        fail(
+            f"--tiktoken-special-tokens must include {' '.join(TIKTOKEN_REQUIRED_SPECIAL_TOKENS)}; missing {' '.join(missing)}"
+        )
     if count < len(specials):
         fail(
             f"--tiktoken-num-special-tokens {count} is fewer than the {len(specials)} "
@@ -147,4 +149,6 @@ def _check_tiktoken(cfg: Any) -> None:
         )
     vocab = cfg.vocab_size if cfg.vocab_size is not None else TIKTOKEN_DEFAULT_VOCAB_SIZE
     if count >= vocab:
-        fail(f"--tiktoken-num-special-tokens {count} leaves no room for the vocabulary of --vocab-size {vocab}")
+        fail(
+            f"--tiktoken-num-special-tokens {count} leaves no room for the vocabulary of --vocab-size {vocab}"
+        )

@@ -224,7 +224,12 @@ def load_model_for_inference(
         fail(
             f"--load {load_dir}: the checkpoint's config names no --tokenizer-type, so text cannot be encoded"
         )
-    tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file, cfg.merge_file)
+    try:
+        # The saved config names the tokenizer's files (--tokenizer-model, --vocab-file/--merge-file)
+        # as the training run gave them; say so when they are gone rather than only naming the flag.
+        tokenizer = build_tokenizer(cfg)
+    except UserError as err:
+        fail(f"--load {load_dir}: cannot rebuild the tokenizer the checkpoint was trained with: {err}")
     cfg.tensor_model_parallel_size = 1
     cfg.world_size = 1
     cfg.data_parallel_size = 1

@@ -60,9 +60,10 @@ def build_tokenizer(
 ) -> Tokenizer:
     """The tokenizer of `--tokenizer-type`, as Megatron's build_tokenizer(args).
 
-    `args` is a config (MegatronConfig, a Namespace: its tokenizer settings are read), or the type's
-    name with the settings as keywords (names = TOKENIZER_OPTIONS). Settings that do not fit the type
-    are one-line errors naming the flag.
+    `args` is a config (MegatronConfig, a Namespace: its tokenizer settings are read; --vocab-file or
+    --merge-file without a type mean GPT2BPETokenizer), or the type's name with the settings as
+    keywords (names = TOKENIZER_OPTIONS). Settings that do not fit the type are one-line errors
+    naming the flag.
     """
     if isinstance(args, str):
         unknown = sorted(set(options) - set(_DEFAULTS))
@@ -73,6 +74,9 @@ def build_tokenizer(
     else:
         settings = tokenizer_options(args)
         name = args.tokenizer_type
+        if name is None and (settings["vocab_file"] is not None or settings["merge_file"] is not None):
+            # Megatron's GPT examples give only the BPE files; they can only mean the GPT-2 tokenizer.
+            name = "GPT2BPETokenizer"
     s = SimpleNamespace(tokenizer_type=name, **settings)
     if name is None:
         fail(f"--tokenizer-type is required; choose one of: {', '.join(TOKENIZER_TYPES)}")

@@ -81,10 +81,11 @@ class RampupBatchsizeNumMicroBatchesCalculator(ConstantNumMicroBatchesCalculator
         rampup_samples: int,
     ) -> None:
         flag = "--rampup-batch-size"
-        if start_global_batch_size <= 0 or batch_size_increment <= 0 or rampup_samples < 0:
+        # Megatron asserts ramp-up samples >= 0 but then divides by 0 samples per increment: 0 is refused here.
+        if min(start_global_batch_size, batch_size_increment, rampup_samples) <= 0:
             fail(
-                f"{flag} {start_global_batch_size} {batch_size_increment} {rampup_samples}: the start batch "
-                "and the increment must be positive, the ramp-up samples not negative"
+                f"{flag} {start_global_batch_size} {batch_size_increment} {rampup_samples}: the start batch, "
+                "the increment and the ramp-up samples must be positive"
             )
         diff = global_batch_size - start_global_batch_size
         if diff <= 0:

@@ -1,12 +1,17 @@
-"""OptimizerParamScheduler: Megatron's warmup and decay values at chosen iterations, counted in samples."""
+"""OptimizerParamScheduler: Megatron's warmup, decay (incl. WSD, inverse-square-root), weight-decay and\ndecoupled-lr values at chosen iterations, counted in samples, also against megatron-core's own scheduler."""
+
+import math
+import types
 
 import pytest
 import torch
 from helpers import tiny_flags
 
 from megatron_lite.arguments import parse_config
+from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.errors import UserError
 from megatron_lite.training.lr_schedule import OptimizerParamScheduler
+from megatron_lite.training.optimizer import build_optimizer
 
 # Only the schedule's numbers matter here: batch 4, lr 1e-3 (the tiny model's) decaying to 1e-4.
 MODEL = dict(num_layers=1, hidden_size=8, num_attention_heads=2, seq_length=4, vocab_size=16)
@@ -102,7 +107,7 @@ def test_state_dict_round_trip_resumes_the_schedule():
 
 def test_unknown_decay_style_is_a_user_error():
     with pytest.raises(
-        UserError, match="--lr-decay-style WSD is not supported; choose one of constant, linear, cosine"
+        UserError, match="--lr-decay-style step is not supported; choose one of constant, linear"
     ):
         OptimizerParamScheduler(
             torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1),
@@ -111,5 +116,187 @@ def test_unknown_decay_style_is_a_user_error():
             min_lr=0,
             lr_warmup_steps=0,
             lr_decay_steps=1,
-            lr_decay_style="WSD",
+            lr_decay_style="step",
         )
+
+
+# ---- WSD and inverse-square-root: Megatron's formulas written out ------------------------------------
+MAX, MIN = 1e-3, 1e-4
+
+
+@pytest.mark.parametrize(
+    "style, coeff_at_quarter",
+    [
+        ("linear", 1.0 - 0.25),
+        ("cosine", 0.5 * (math.cos(math.pi * 0.25) + 1.0)),
+        ("exponential", 2.0 * 0.5**0.25 - 1.0),
+        ("minus_sqrt", 1.0 - math.sqrt(0.25)),
+    ],
+)
+def test_wsd_is_stable_then_anneals_over_the_last_wsd_iterations(style, coeff_at_quarter):
+    sched = scheduler_for(
+        f"--lr-warmup-iters 10 --lr-decay-style WSD --lr-wsd-decay-iters 20 --lr-wsd-decay-style {style}"
+    )
+    # Spans in samples (x4): decay over 400, annealing the last 80, i.e. from sample 320 (iteration 80).
+    assert (sched.lr_decay_steps, sched.wsd_decay_steps) == (400, 80)
+    got = lrs_at(sched, [5, 10, 11, 50, 80, 85, 100, 101])
+    quarter = MIN + coeff_at_quarter * (MAX - MIN)  # iteration 85: 20 of the 80 annealing samples done
+    # every annealing curve reaches --min-lr at the end of the decay span (coeff 0 at ratio 1)
+    expected = [5e-4, MAX, MAX, MAX, MAX, quarter, MIN, MIN]
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-18)
+
+
+def test_wsd_counts_samples_with_train_samples():
+    flags = tiny_flags(
+        **MODEL,
+        global_batch_size=4,
+        min_lr=MIN,
+        train_samples=400,
+        lr_decay_style="WSD",
+        lr_wsd_decay_samples=100,
+        lr_wsd_decay_style="linear",
+    )
+    sched = OptimizerParamScheduler.from_config(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1), parse_config(flags).finalize(1)
+    )
+    assert (sched.lr_decay_steps, sched.wsd_decay_steps) == (400, 100)
+    # anneal from sample 300: at 340, 40 of 100 done -> coeff 0.6
+    assert lrs_at(sched, [75, 85]) == pytest.approx([MAX, MIN + 0.6 * (MAX - MIN)], rel=1e-12)
+
+
+def test_inverse_square_root_decays_from_the_end_of_warmup():
+    sched = scheduler_for("--lr-warmup-iters 10 --lr-decay-style inverse-square-root --min-lr 2e-4")
+    got = lrs_at(sched, [5, 10, 40, 90, 100, 101])
+    # lr = max_lr * sqrt(warmup samples) / sqrt(samples), never below --min-lr; --min-lr past the decay span
+    expected = [
+        5e-4,
+        MAX,
+        MAX * math.sqrt(40 / 160),
+        max(2e-4, MAX * math.sqrt(40 / 360)),
+        MAX * math.sqrt(0.1),
+        2e-4,
+    ]
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got[3] > 2e-4 * 1.6  # sqrt(1/9) = 0.33: not yet clamped
+
+
+def test_inverse_square_root_without_warmup_uses_one_sample():
+    # Megatron takes max(warmup, 1) and max(samples, 1): no warmup means max_lr / sqrt(samples).
+    sched = scheduler_for("--lr-decay-style inverse-square-root --min-lr 0")
+    assert sched.get_lr() == MAX
+    assert lrs_at(sched, [1, 25]) == pytest.approx([MAX / 2, MAX / 10], rel=1e-12)
+
+
+# ---- weight decay increments -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "style, expected_at_quarter",
+    [("linear", 0.25 * 0.08), ("cosine", 0.5 * (math.cos(math.pi * 0.75) + 1.0) * 0.08)],
+)
+def test_weight_decay_rises_from_start_to_end_on_decayed_groups_only(style, expected_at_quarter):
+    net = torch.nn.Linear(3, 2)  # weight: decayed; bias: wd_mult 0
+    cfg = parse_config(
+        tiny_flags(**MODEL, global_batch_size=4, train_iters=100)
+        + f"--weight-decay-incr-style {style} --start-weight-decay 0.02 --end-weight-decay 0.1".split()
+    ).finalize(1)
+    optimizer = build_optimizer(net, cfg)
+    sched = OptimizerParamScheduler.from_config(optimizer, cfg)
+    assert (sched.start_wd, sched.end_wd, sched.wd_incr_steps) == (0.02, 0.1, 400)
+    weight_group, bias_group = optimizer.param_groups
+    assert (weight_group["weight_decay"], bias_group["weight_decay"]) == (0.02, 0.0)
+    for iteration, wd in [(25, 0.02 + expected_at_quarter), (50, 0.06), (100, 0.1), (150, 0.1)]:
+        sched.step(iteration * 4 - sched.num_steps)
+        assert weight_group["weight_decay"] == pytest.approx(wd, rel=1e-12)
+        assert bias_group["weight_decay"] == 0.0
+
+
+def test_constant_weight_decay_is_weight_decay():
+    cfg = parse_config(tiny_flags(**MODEL, train_iters=10) + ["--weight-decay", "0.3"]).finalize(1)
+    optimizer = build_optimizer(torch.nn.Linear(3, 2), cfg)
+    sched = OptimizerParamScheduler.from_config(optimizer, cfg)
+    sched.step(12)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.3, 0.0]
+    assert (sched.state_dict()["start_wd"], sched.state_dict()["wd_incr_style"]) == (0.3, "constant")
+
+
+# ---- decoupled learning rate -------------------------------------------------------------------------
+def _groups_by_name(optimizer, model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("decoupled_min_lr, decoupled_floor", [("--decoupled-min-lr 5e-4", 5e-4), ("", MIN)])
+def test_decoupled_lr_schedules_the_word_embeddings_and_output_layer(decoupled_min_lr, decoupled_floor):
+    flags = tiny_flags(
+        **MODEL, global_batch_size=4, min_lr=MIN, train_iters=100, untie_embeddings_and_output_weights=True
+    )
+    cfg = parse_config(
+        flags + f"--lr-warmup-iters 10 --decoupled-lr 5e-3 {decoupled_min_lr}".split()
+    ).finalize(1)
+    model = GPTModel(cfg)
+    optimizer = build_optimizer(model, cfg)
+    sched = OptimizerParamScheduler.from_config(optimizer, cfg)
+    groups = _groups_by_name(optimizer, model)
+    # Megatron's order: default, decoupled; then the no-weight-decay group (biases, norms).
+    assert groups[1] == ["embedding.word_embeddings.weight", "output_layer.weight"]
+    assert "embedding.position_embeddings.weight" in groups[0]
+    assert [g["is_decoupled_lr"] for g in optimizer.param_groups] == [False, True, False]
+    assert [g["wd_mult"] for g in optimizer.param_groups] == [1.0, 1.0, 0.0]
+    for iteration, plain, decoupled in [
+        (5, 0.5 * MAX, 0.5 * 5e-3),  # warmup from --lr-warmup-init 0 towards each group's peak
+        (55, MIN + 0.5 * (MAX - MIN), decoupled_floor + 0.5 * (5e-3 - decoupled_floor)),
+        (101, MIN, decoupled_floor),
+    ]:
+        logged = sched.step(iteration * 4 - sched.num_steps)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        assert lrs == pytest.approx([plain, decoupled, plain], rel=1e-12)
+        assert logged == pytest.approx(plain, rel=1e-12)  # the learning rate Megatron logs
+
+
+# ---- the same numbers as megatron-core's OptimizerParamScheduler -------------------------------------
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "--lr-warmup-iters 7 --lr-decay-style cosine",
+        "--lr-warmup-fraction 0.13 --lr-decay-style linear --lr-decay-iters 90",
+        "--lr-warmup-iters 7 --lr-decay-style inverse-square-root",
+        "--lr-warmup-iters 7 --lr-decay-style WSD --lr-wsd-decay-iters 30 --lr-wsd-decay-style exponential",
+        "--lr-warmup-iters 7 --lr-decay-style WSD --lr-wsd-decay-iters 30 --lr-wsd-decay-style minus_sqrt",
+        "--lr-decay-style WSD --lr-wsd-decay-iters 100 --lr-wsd-decay-style cosine --lr-warmup-init 1e-5",
+        "--weight-decay-incr-style cosine --start-weight-decay 0.01 --end-weight-decay 0.2 --decoupled-lr 3e-3",
+    ],
+)
+def test_matches_megatron_core_scheduler(extra):
+    megatron_scheduler = pytest.importorskip("megatron.core.optimizer_param_scheduler")
+    sched = scheduler_for(extra)
+    cfg = parse_config(tiny_flags(**MODEL, global_batch_size=4, min_lr=1e-4, train_iters=100) + extra.split())
+    cfg.finalize(1)
+    groups = [{"params": [], "wd_mult": 1.0}, {"params": [], "wd_mult": 0.0, "max_lr": 3e-3}]
+    reference = megatron_scheduler.OptimizerParamScheduler(
+        types.SimpleNamespace(param_groups=groups),
+        init_lr=cfg.lr_warmup_init,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=sched.lr_warmup_steps,
+        lr_decay_steps=sched.lr_decay_steps,
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=sched.start_wd,
+        end_wd=sched.end_wd,
+        wd_incr_steps=sched.wd_incr_steps,
+        wd_incr_style=cfg.weight_decay_incr_style,
+        wsd_decay_steps=sched.wsd_decay_steps,
+        lr_wsd_decay_style=cfg.lr_wsd_decay_style,
+    )
+    # Megatron's own spans, from its get_optimizer_param_scheduler, for this config:
+    gbs = cfg.global_batch_size
+    decay = (cfg.lr_decay_iters or cfg.train_iters) * gbs
+    warmup = (
+        cfg.lr_warmup_fraction * decay if cfg.lr_warmup_fraction is not None else cfg.lr_warmup_iters * gbs
+    )
+    assert (sched.lr_decay_steps, sched.lr_warmup_steps, sched.wd_incr_steps) == (decay, warmup, 100 * gbs)
+    ours = [{"params": [], "wd_mult": 1.0}, {"params": [], "wd_mult": 0.0, "max_lr": 3e-3}]
+    sched.optimizer = types.SimpleNamespace(param_groups=ours)
+    sched.step(0)
+    for increment in [1, 3, 4, 20, 4, 100, 4, 150, 4, 160, 400]:
+        reference.step(increment)
+        sched.step(increment)
+        assert [(g["lr"], g["weight_decay"]) for g in ours] == [(g["lr"], g["weight_decay"]) for g in groups]

@@ -173,13 +173,16 @@ def test_sigterm_finishes_the_iteration_and_exits_cleanly():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_fp16_on_cpu_is_a_clear_error():
-    with pytest.raises(UserError) as err:
-        pretrain(config("--micro-batch-size 2 --train-iters 1 --fp16"))
-    assert (
-        str(err.value)
-        == "--fp16 needs a CUDA GPU (fp16 with loss scaling is GPU-only here); on CPU use --bf16"
-    )
+def test_fp16_on_cpu_trains_with_dynamic_loss_scaling():
+    argv = "--micro-batch-size 2 --train-iters 12 --lr 1e-2 --hysteresis 1"
+    fp16 = pretrain(config(argv + " --fp16 --initial-loss-scale 1048576"))
+    fp32 = pretrain(config(argv))
+    # 2^20 overflows fp16's gradients: iterations are skipped while the scale halves (to 2^17), as Megatron's.
+    assert fp16.skipped_iterations == 3
+    # The first forward pass is the same model in both precisions; after the skips fp16 follows fp32 closely.
+    assert abs(fp16.losses[0][1] - fp32.losses[0][1]) < 1e-2
+    diffs = [abs(a[1] - b[1]) for a, b in zip(fp16.losses, fp32.losses, strict=True)]
+    assert all(math.isfinite(a[1]) for a in fp16.losses) and sum(diffs) / len(diffs) < 0.05
 
 
 def test_mock_data_needs_a_vocabulary():

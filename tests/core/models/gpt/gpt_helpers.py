@@ -59,7 +59,8 @@ def saved_bytes_for_backward(
     """The mean loss of one forward, and the bytes of distinct non-parameter storages it keeps for backward.
 
     Every tensor an autograd node saves (checkpoint's kept inputs included) passes the pack hook;
-    counting each storage once gives exactly the activation memory held between forward and backward.
+    counting each storage once, at its size after the forward (output-discarding recompute frees some
+    in place), gives exactly the activation memory held between forward and backward.
     """
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
@@ -67,12 +68,12 @@ def saved_bytes_for_backward(
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
+            storages[storage.data_ptr()] = storage
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(tokens, labels=labels).mean()
-    return sum(storages.values()), loss
+    return sum(storage.nbytes() for storage in storages.values()), loss
 
 
 # ---- an independent reference: plain [b, s, h] math over the full weights, no model code ---------------
