@@ -114,6 +114,18 @@ _BY_DEST: dict[str, Policy] = {
     "align_param_gather": _switch("no effect: the distributed optimizer gathers parameters after its step"),
     "manual_gc_eval": _switch("garbage is collected around evaluation as around training with --manual-gc"),
     "data_parallel_random_init": _refused("--data-parallel-random-init is not implemented"),
+    "rope_type": _refused("YaRN RoPE scaling is not implemented", "rope"),
+    "grad_reduce_in_bf16": _switch(
+        "gradients are all-reduced in fp32, not bf16: more exact, and twice the bytes on the wire"
+    ),
+    "disable_bf16_reduced_precision_matmul": _switch(
+        "no effect: megatron-lite leaves torch's bf16 GEMM reduction setting at its default"
+    ),
+    "quick_geglu": _refused("gpt-oss's quick GeGLU activation is not implemented"),
+    "glu_linear_offset": _refused("gpt-oss's GLU offset is not implemented"),
+    "activation_func_clamp_value": _refused("gpt-oss's activation clamp is not implemented"),
+    "softmax_type": _refused("gpt-oss's learnable / off-by-one softmax is not implemented", "vanilla"),
+    "window_attn_skip_freq": _refused("gpt-oss's alternating sliding-window layers are not implemented"),
     "pad_vocab_size": _switch("no effect"),
     "train_sync_interval": _GPU_MEMORY,
     "tp_comm_overlap": _TE_OVERLAP,
@@ -129,12 +141,6 @@ _BY_DEST: dict[str, Policy] = {
     ),
     "use_precision_aware_optimizer": _refused(
         "the precision-aware optimizer needs Transformer Engine's FusedAdam on a GPU"
-    ),
-    "profile": _refused(
-        "--profile (nsys / torch profiler ranges) is not implemented; wrap the run in torch.profiler"
-    ),
-    "use_pytorch_profiler": _refused(
-        "--use-pytorch-profiler is not implemented; wrap the run in torch.profiler"
     ),
     "pipeline_model_parallel_size": _later(13, "pipeline parallelism", 1),
     "context_parallel_size": _later(15, "context parallelism", 1),
@@ -245,7 +251,7 @@ _BY_GROUP: dict[str, Policy] = {
     "inference": _switch("no effect on training: a text-generation server setting"),
     "autoresume": _switch("no effect: ADLR autoresume is NVIDIA-internal; resume is automatic with --load"),
     "profiling": _refused(
-        "profiling ranges are not implemented; wrap the run in torch.profiler", gate="profile"
+        "this profiler option is not implemented (--profile and torch.profiler's options are)", gate="profile"
     ),
     "modelopt-generic": _refused(
         "NVIDIA ModelOpt (quantization, distillation, export) is not part of megatron-lite"

@@ -85,7 +85,7 @@ def _coerce_field(name: str, value: Any) -> Any:
         items = value.split() if isinstance(value, str) else value
         if not isinstance(items, list):
             raise ValueError(f"must be a list, got {value!r}")
-        return [str(v) for v in items]
+        return [str(v) if kind is str else _coerce_scalar(kind, v, None) for v in items]
     choices = next(f for f in config_fields() if f.name == name).metadata.get("choices")
     return _coerce_scalar(kind, value, choices)
 

@@ -12,6 +12,7 @@ from megatron_lite.config.fields import _f
 from megatron_lite.config.logging import LoggingArgs, check_run
 from megatron_lite.config.model import ModelArgs, derive_model
 from megatron_lite.config.parallel import ParallelArgs, derive_parallel, pad_vocab_size
+from megatron_lite.config.profiling import ProfilingArgs, check_profiling
 from megatron_lite.config.tokenizer import TokenizerArgs
 from megatron_lite.config.training import TrainingArgs, derive_training
 
@@ -22,7 +23,7 @@ __all__ = ["MegatronConfig", "config_fields", "pad_vocab_size"]
 # dataclass takes its bases' fields from the last base to the first).
 @dataclass
 class MegatronConfig(
-    LoggingArgs, CheckpointArgs, TokenizerArgs, DataArgs, ParallelArgs, TrainingArgs, ModelArgs
+    ProfilingArgs, LoggingArgs, CheckpointArgs, TokenizerArgs, DataArgs, ParallelArgs, TrainingArgs, ModelArgs
 ):
     """Every setting of a training run; filled from flags and YAML by `arguments.parse_config`."""
 
@@ -86,6 +87,7 @@ class MegatronConfig(
         derive_parallel(self)
         derive_training(self)
         check_run(self)
+        check_profiling(self)
         return self
 
 

@@ -156,10 +156,9 @@ def _check_logging_and_switches(cfg: Any) -> None:
     if cfg.manual_gc_interval < 0:
         fail(f"--manual-gc-interval must be >= 0, got {cfg.manual_gc_interval}")
     if cfg.exit_signal_handler:
-        signum = getattr(signal, cfg.exit_signal, None)
-        if not isinstance(signum, int) or not cfg.exit_signal.startswith("SIG"):
+        if cfg.exit_signal not in signal.Signals.__members__:
             fail(f"--exit-signal {cfg.exit_signal}: no such signal on this system")
-        if signum in (signal.SIGKILL, signal.SIGSTOP):
+        if signal.Signals[cfg.exit_signal] in (signal.SIGKILL, signal.SIGSTOP):
             fail(f"--exit-signal {cfg.exit_signal} cannot be caught by a process; use SIGTERM or SIGUSR1")
     elif cfg.exit_signal != "SIGTERM":
         _notice(

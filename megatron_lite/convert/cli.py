@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_lite.tokenizer import TOKENIZER_TYPES
+    from megatron_lite.tokenizer import BUNDLED_TOKENIZER_TYPES
 
     parser = _Parser(prog="convert_checkpoint.py", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{export,import}")
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--save", required=True, help="New checkpoint directory to write (iteration 0).")
     imp.add_argument(
         "--tokenizer-type",
-        choices=list(TOKENIZER_TYPES),
+        choices=list(BUNDLED_TOKENIZER_TYPES),
         help="megatron-lite tokenizer of the model's ids (default: recorded by an export, or GPT-2 BPE files).",
     )
     return parser

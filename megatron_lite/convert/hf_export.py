@@ -110,10 +110,14 @@ def _eos_id(cfg: MegatronConfig) -> int | None:
     """The end-of-document id generation stops at, when the tokenizer is known and inside the vocabulary."""
     if cfg.tokenizer_type is None:
         return None
+    from megatron_lite.errors import UserError
     from megatron_lite.tokenizer import build_tokenizer
 
-    eod = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file, cfg.merge_file).eod
-    return eod if eod < cfg.vocab_size else None
+    try:
+        eod = build_tokenizer(cfg).eod
+    except UserError as err:
+        fail(f"cannot rebuild the tokenizer the checkpoint was trained with: {err}")
+    return eod if 0 <= eod < cfg.vocab_size else None
 
 
 def _tokenizer_files(cfg: MegatronConfig) -> dict[str, Path]:

@@ -136,7 +136,7 @@ def _read_hf_config(hf_dir: Path, transformers: ModuleType) -> Any:
 
 
 def _resolve_tokenizer(requested: str | None, hf_dir: Path, hf_config: Any, vocab_size: int) -> str | None:
-    from megatron_lite.tokenizer import TOKENIZER_TYPES, build_tokenizer
+    from megatron_lite.tokenizer import BUNDLED_TOKENIZER_TYPES, TOKENIZER_TYPES, build_tokenizer
 
     if requested is not None:
         name, source = requested, f"--tokenizer-type {requested}"
@@ -147,8 +147,12 @@ def _resolve_tokenizer(requested: str | None, hf_dir: Path, hf_config: Any, voca
         name, source = "GPT2BPETokenizer", f"GPT-2 BPE files in {hf_dir}"
     else:
         return None
-    if name not in TOKENIZER_TYPES:
-        fail(f"{source}: not a megatron-lite tokenizer; pass --tokenizer-type {' or '.join(TOKENIZER_TYPES)}")
+    if name in TOKENIZER_TYPES and name not in BUNDLED_TOKENIZER_TYPES:
+        return name  # its files (--tokenizer-model, --vocab-size) are given when training; nothing to check here
+    if name not in BUNDLED_TOKENIZER_TYPES:
+        fail(
+            f"{source}: not a megatron-lite tokenizer; pass --tokenizer-type {' or '.join(BUNDLED_TOKENIZER_TYPES)}"
+        )
     tokenizer_vocab = build_tokenizer(name).vocab_size
     if tokenizer_vocab > vocab_size:
         fail(

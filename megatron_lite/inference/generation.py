@@ -13,7 +13,7 @@ import torch.distributed as dist
 from megatron_lite.config import MegatronConfig, pad_vocab_size
 from megatron_lite.core.models.gpt import GPTModel, KVCache
 from megatron_lite.core.tensor_parallel import gather_from_tensor_model_parallel_region
-from megatron_lite.errors import fail
+from megatron_lite.errors import UserError, fail
 from megatron_lite.parallel_state import ParallelState
 
 

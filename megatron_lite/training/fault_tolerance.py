@@ -1,8 +1,10 @@
-"""Turns a collective that timed out or lost a peer into one clear line and a non-zero exit."""
+"""Turns a collective that timed out or lost a peer into one clear line, and --exit-signal into a clean stop."""
 
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from collections.abc import Iterator
 
 from megatron_lite.errors import UserError
@@ -64,3 +66,35 @@ def collective_failures_as_errors(pstate: ParallelState, timeout_minutes: float)
         if message is None:
             raise
         raise CollectiveFailure(message) from err
+
+
+class ExitSignal:
+    """--exit-signal-handler: --exit-signal (default SIGTERM) becomes a flag the loop checks after each
+    iteration (then every rank saves and exits 0). Off (Megatron's default) it installs nothing: SIGTERM
+    keeps its default action and Ctrl-C raises KeyboardInterrupt, which run_cli reports in one line.
+    With --exit-signal SIGINT a second Ctrl-C aborts at once.
+    """
+
+    def __init__(self, signal_name: str | None = None) -> None:
+        self.signum: int | None = signal.Signals[signal_name] if signal_name else None
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @classmethod
+    def from_config(cls, cfg) -> ExitSignal:
+        return cls(cfg.exit_signal if cfg.exit_signal_handler else None)
+
+    def install(self) -> None:
+        if self.signum is None or threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self._previous[self.signum] = signal.signal(self.signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -1,17 +1,21 @@
-"""Megatron's console line and validation box, throughput/MFU, and TensorBoard scalars, from the last rank."""
+"""Megatron's console line, validation box and timers, throughput/MFU, and the TensorBoard/wandb scalars."""
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from megatron_lite.config import MegatronConfig
+from megatron_lite.errors import UserError, fail
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training.flops import device_peak_flops, num_floating_point_operations
+from megatron_lite.training.log_stats import memory_stats
+from megatron_lite.training.scalar_writers import ScalarWriters
+from megatron_lite.training.timers import Timers, timers_to_log
 
 
 def format_log_line(
@@ -33,6 +37,7 @@ def format_log_line(
     tflops: float | None = None,
     mfu: float | None = None,
     params_norm: float | None = None,
+    num_zeros_in_grad: float | None = None,
     timestamp: str | None = None,
 ) -> str:
     """One console line in Megatron's field order and formats; our throughput fields follow the elapsed time.
@@ -66,6 +71,8 @@ def format_log_line(
     parts.append(f" loss scale: {loss_scale:.1f} |")
     if grad_norm is not None:
         parts.append(f" grad norm: {grad_norm:.3f} |")
+    if num_zeros_in_grad is not None:
+        parts.append(f" num zeros: {num_zeros_in_grad} |")  # Megatron's float, e.g. "1234.0"
     if params_norm is not None:
         parts.append(f" params norm: {params_norm:.3f} |")
     parts.append(f" number of skipped iterations: {skipped_iterations:3d} |")
@@ -82,17 +89,6 @@ def format_validation_box(where: str, losses: dict[str, float]) -> str:
     return f"{rule}\n{text}\n{rule}"
 
 
-def process_rss_bytes() -> int:
-    """Resident memory of this process (Linux /proc; peak RSS from getrusage elsewhere)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _train_dtype(cfg: MegatronConfig) -> torch.dtype:
     if cfg.bf16:
         return torch.bfloat16
@@ -104,9 +100,10 @@ def _train_dtype(cfg: MegatronConfig) -> torch.dtype:
 class TrainingLogger:
     """Accumulates per-iteration results and reports them Megatron's way.
 
-    Only the last rank prints and writes TensorBoard events (Megatron's convention). Elapsed time per
-    iteration is measured between console lines with evaluation and checkpoint time taken out
-    (`pause`/`resume`), so throughput reflects training alone.
+    Only the last rank prints and writes TensorBoard and wandb (Megatron's convention); every rank calls
+    the methods, since the timer reports gather over ranks. Elapsed time per iteration is measured between
+    console lines with evaluation and checkpoint time taken out (`pause`/`resume`), so throughput reflects
+    training alone. `timers` are Megatron's (--timing-log-level), started by the trainer.
     """
 
     def __init__(
@@ -120,7 +117,14 @@ class TrainingLogger:
         self.pstate = pstate or ParallelState()
         self.is_logging_rank = self.pstate.is_last_rank
         self._print = print_fn or (lambda text: print(text, flush=True))
-        self.writer = None
+        self.writers = ScalarWriters()
+        self.timers = Timers(
+            cfg.timing_log_level,
+            cfg.timing_log_option,
+            device=self.pstate.device,
+            barrier_with_L1_time=cfg.barrier_with_L1_time,
+            print_fn=self.print,
+        )
         self.flops_per_iteration = num_floating_point_operations(cfg, cfg.global_batch_size)
         self.peak_flops: float | None = None
         if self.is_logging_rank:
@@ -130,8 +134,8 @@ class TrainingLogger:
             self.print(
                 f"> MFU is measured against a peak of {self.peak_flops / 1e12:.3f} TFLOP/s per rank ({source})"
             )
-            if cfg.tensorboard_dir:
-                self._open_tensorboard()
+        if cfg.tensorboard_dir or cfg.wandb_project:
+            self._open_outputs()
         self._reset_interval()
         self._elapsed = 0.0
         self._started_at: float | None = None
@@ -142,19 +146,29 @@ class TrainingLogger:
         if self.is_logging_rank:
             self._print(text)
 
-    def _open_tensorboard(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    def _open_outputs(self) -> None:
+        """TensorBoard and wandb on the logging rank; a path that cannot be used stops every rank."""
+        failure: UserError | None = None
+        if self.is_logging_rank:
+            try:
+                self.writers = ScalarWriters.open(self.cfg, self.print)
+            except UserError as err:
+                failure = err
+        if self.pstate.is_distributed:
+            failed = torch.tensor([float(failure is not None)], device=self.pstate.device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if failed.item() > 0 and failure is None:
+                fail("the last rank could not open --tensorboard-dir or the wandb directory; see its error")
+        if failure is not None:
+            raise failure
 
-        self.writer = SummaryWriter(
-            log_dir=self.cfg.tensorboard_dir, max_queue=self.cfg.tensorboard_queue_size
-        )
-        for name, value in self.cfg.to_dict().items():
-            self.writer.add_text(name, str(value), global_step=0)
+    @property
+    def writer(self):
+        """The TensorBoard SummaryWriter, or None."""
+        return self.writers.tensorboard
 
     def _scalar(self, tag: str, value: float, iteration: int, consumed_samples: int | None = None) -> None:
-        self.writer.add_scalar(tag, value, iteration)
-        if consumed_samples is not None:
-            self.writer.add_scalar(f"{tag} vs samples", value, consumed_samples)
+        self.writers.scalar(tag, value, iteration, consumed_samples)
 
     # ---- timing --------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -182,6 +196,10 @@ class TrainingLogger:
         self.resume()
         return seconds
 
+    def log_timers(self, names: list[str]) -> str | None:
+        """Megatron's report of one-off timers (set-up, evaluate, save-checkpoint) where they happen."""
+        return self.timers.log(names)
+
     # ---- training ------------------------------------------------------------------------------
     def _reset_interval(self) -> None:
         self._loss_sum = 0.0
@@ -201,6 +219,7 @@ class TrainingLogger:
         loss_scale: float,
         skipped: bool,
         params_norm: float | None = None,
+        num_zeros_in_grad: float | None = None,
     ) -> str | None:
         """Record one iteration; on log-interval iterations print the console line and return it."""
         self._iterations += 1
@@ -211,21 +230,49 @@ class TrainingLogger:
             self._advanced += 1
             self._loss_sum += loss
         cfg = self.cfg
-        if self.writer is not None and iteration % cfg.tensorboard_log_interval == 0:
-            self._scalar("learning-rate", learning_rate, iteration, consumed_samples)
-            self._scalar("batch-size", cfg.global_batch_size, iteration, consumed_samples)
-            if not skipped:
-                self._scalar("lm loss", loss, iteration, consumed_samples)
-            self._scalar("loss-scale", loss_scale, iteration, consumed_samples)
-            if grad_norm is not None and math.isfinite(grad_norm):
-                self._scalar("grad-norm", grad_norm, iteration, consumed_samples)
-            if params_norm is not None:
-                self._scalar("params-norm", params_norm, iteration, consumed_samples)
+        if self.writers.active and iteration % cfg.tensorboard_log_interval == 0:
+            self._tensorboard_step(
+                iteration, consumed_samples, learning_rate, loss, grad_norm, loss_scale, skipped, params_norm,
+                num_zeros_in_grad,
+            )  # fmt: skip
         if iteration % cfg.log_interval != 0:
             return None
         return self._log_interval(
-            iteration, consumed_samples, learning_rate, grad_norm, loss_scale, params_norm
+            iteration, consumed_samples, learning_rate, grad_norm, loss_scale, params_norm, num_zeros_in_grad
         )
+
+    def _tensorboard_step(
+        self,
+        iteration: int,
+        consumed: int,
+        learning_rate: float,
+        loss: float,
+        grad_norm: float | None,
+        loss_scale: float,
+        skipped: bool,
+        params_norm: float | None,
+        num_zeros_in_grad: float | None,
+    ) -> None:
+        """Megatron's per-iteration scalars, each switched by its flag as in training_log."""
+        cfg = self.cfg
+        self.writers.wandb_only({"samples vs steps": consumed}, iteration)
+        self._scalar("learning-rate", learning_rate, iteration, consumed)
+        self._scalar("batch-size", cfg.global_batch_size, iteration, consumed)
+        if not skipped:
+            self._scalar("lm loss", loss, iteration, consumed)
+        if cfg.log_loss_scale_to_tensorboard:
+            self._scalar("loss-scale", loss_scale, iteration, consumed)
+        if cfg.log_world_size_to_tensorboard:
+            self._scalar("world-size", self.pstate.world_size, iteration, consumed)
+        if grad_norm is not None and math.isfinite(grad_norm):
+            self._scalar("grad-norm", grad_norm, iteration, consumed)
+        if num_zeros_in_grad is not None:
+            self._scalar("num-zeros", num_zeros_in_grad, iteration, consumed)
+        if params_norm is not None:
+            self._scalar("params-norm", params_norm, iteration, consumed)
+        if cfg.log_memory_to_tensorboard:
+            for tag, value in memory_stats(self.pstate.device).items():
+                self._scalar(tag, value, iteration)
 
     def _log_interval(
         self,
@@ -235,10 +282,12 @@ class TrainingLogger:
         grad_norm: float | None,
         loss_scale: float,
         params_norm: float | None,
+        num_zeros_in_grad: float | None,
     ) -> str | None:
         cfg, world = self.cfg, self.pstate.world_size
         seconds = self._interval_seconds()
-        per_iteration = seconds / max(1, self._iterations)
+        iterations = max(1, self._iterations)
+        per_iteration = seconds / iterations
         tokens_per_second = (
             cfg.global_batch_size * cfg.seq_length / per_iteration if per_iteration > 0 else 0.0
         )
@@ -246,6 +295,8 @@ class TrainingLogger:
         mean_loss = self._loss_sum / max(1, self._advanced)
         line = None
         if self.is_logging_rank:
+            if cfg.log_timers_to_tensorboard:
+                self._scalar("iteration-time", per_iteration, iteration)
             line = format_log_line(
                 iteration=iteration,
                 train_iters=cfg.train_iters,
@@ -264,40 +315,35 @@ class TrainingLogger:
                 tflops=flops_per_rank / 1e12,
                 mfu=flops_per_rank / self.peak_flops if self.peak_flops else None,
                 params_norm=params_norm,
+                num_zeros_in_grad=num_zeros_in_grad,
             )
+            if cfg.log_throughput and cfg.log_timers_to_tensorboard:
+                self._scalar("throughput", flops_per_rank / 1e12, iteration)
             self._print(line)
-            if self.writer is not None:
-                self._scalar("iteration-time", per_iteration, iteration)
-                self._scalar("throughput", tokens_per_second, iteration)
-                self._write_memory(iteration)
+        # Per iteration of this interval (Megatron divides by --log-interval, the same number except in
+        # the first interval after a resume). Both are collectives: every rank takes part.
+        names = timers_to_log(cfg.timing_log_level)
+        if cfg.log_timers_to_tensorboard:
+            for tag, value in self.timers.max_times(names, normalizer=iterations).items():
+                self._scalar(tag, value, iteration)
+        self.timers.log(names, normalizer=iterations)
         self._reset_interval()
         return line
-
-    def _write_memory(self, iteration: int) -> None:
-        device = self.pstate.device
-        if device.type == "cuda":
-            self._scalar("mem-allocated-bytes", torch.cuda.memory_allocated(device), iteration)
-            self._scalar("mem-max-allocated-bytes", torch.cuda.max_memory_allocated(device), iteration)
-            self._scalar("mem-reserved-bytes", torch.cuda.memory_reserved(device), iteration)
-        else:
-            self._scalar("mem-rss-bytes", process_rss_bytes(), iteration)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluation(
         self, where: str, loss: float, iteration: int, consumed_samples: int, split: str = "validation"
     ) -> str | None:
-        """Print the dashed box for an evaluation and write `lm loss {split}` (+ ppl) to TensorBoard."""
+        """Print the dashed box for an evaluation; write `lm loss {split}` (and its ppl with
+        --log-validation-ppl-to-tensorboard)."""
         if not self.is_logging_rank:
             return None
         box = format_validation_box(where, {"lm loss": loss})
         self._print(box)
-        if self.writer is not None:
-            self._scalar(f"lm loss {split}", loss, iteration, consumed_samples)
+        self._scalar(f"lm loss {split}", loss, iteration, consumed_samples)
+        if self.cfg.log_validation_ppl_to_tensorboard:
             self._scalar(f"lm loss {split} ppl", math.exp(min(20.0, loss)), iteration, consumed_samples)
         return box
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-            self.writer = None
+        self.writers.close()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from megatron_lite.errors import UserError, fail
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.tokenizer import Tokenizer, build_tokenizer
 from megatron_lite.training.data_samplers import build_mock_datasets, build_pretraining_data_loader
-from megatron_lite.training.fault_tolerance import collective_failures_as_errors
+from megatron_lite.training.fault_tolerance import ExitSignal, collective_failures_as_errors
 from megatron_lite.training.grad_utils import (
     LossScaler,
     all_reduce_gradients,
@@ -34,10 +32,19 @@ from megatron_lite.training.grad_utils import (
     micro_batch_loss_weights,
     params_norm,
 )
+from megatron_lite.training.log_stats import count_zeros_in_grad
 from megatron_lite.training.logger import TrainingLogger
 from megatron_lite.training.lr_schedule import OptimizerParamScheduler
 from megatron_lite.training.microbatches import build_num_microbatches_calculator
 from megatron_lite.training.optimizer import build_optimizer, finish_param_sync
+from megatron_lite.training.profiling import Profiler
+from megatron_lite.training.runtime import (
+    manual_gc_after_evaluation,
+    manual_gc_after_iteration,
+    manual_gc_before_evaluation,
+    manual_gc_start,
+    run_switches,
+)
 
 ModelProvider = Callable[[MegatronConfig, ParallelState], torch.nn.Module]
 Batch = dict[str, torch.Tensor]
@@ -74,6 +81,14 @@ def pretrain(
     forward arguments and return the per-token loss [b, s] when given labels.
     """
     pstate = pstate or ParallelState()
+    # --deterministic-mode before anything runs a GEMM; torch's global state is restored afterwards.
+    with run_switches(cfg):
+        return _pretrain(cfg, pstate, model_provider)
+
+
+def _pretrain(
+    cfg: MegatronConfig, pstate: ParallelState, model_provider: ModelProvider | None
+) -> TrainResult:
     start_time = time.monotonic()
     tokenizer = setup_config(cfg, pstate)
     set_random_seed(cfg.seed, pstate)
@@ -86,14 +101,20 @@ def pretrain(
         print("\n".join(startup_lines(cfg)), flush=True)
     logger = TrainingLogger(cfg, pstate)
     logger.print(f"> {matmul_path}")
-    exit_signal = ExitSignal()
+    exit_signal = ExitSignal.from_config(cfg)
+    timers = logger.timers
     try:
         # A rank that dies or stalls makes the others' next collective fail (at the latest after
         # --distributed-timeout-minutes): one line and a non-zero exit, which torchrun restarts from.
         with collective_failures_as_errors(pstate, cfg.distributed_timeout_minutes):
+            timers("model-and-optimizer-setup", log_level=0).start(barrier=True)
             trainer = Trainer(cfg, pstate, logger, model_provider or _gpt_model_provider)
             trainer.load()
+            timers("model-and-optimizer-setup").stop()
+            timers("train/valid/test-data-iterators-setup", log_level=0).start(barrier=True)
             trainer.build_data(tokenizer)
+            timers("train/valid/test-data-iterators-setup").stop()
+            logger.log_timers(["model-and-optimizer-setup", "train/valid/test-data-iterators-setup"])
             exit_signal.install()
             return trainer.run(exit_signal, start_time)
     finally:
@@ -156,33 +177,6 @@ def _train_dtype(cfg: MegatronConfig) -> torch.dtype | None:
     return None
 
 
-# ---- exit on signals ----------------------------------------------------------------------------
-class ExitSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each iteration; a second Ctrl-C aborts."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
 # ---- the trainer ------------------------------------------------------------------------------------
 class Trainer:
     """Owns the model, optimizer, schedule, data iterators and progress counters of one run."""
@@ -235,9 +229,13 @@ class Trainer:
         # Imported on use: torch.distributed.checkpoint adds seconds to start-up, needed only with --load/--save.
         from megatron_lite.training.checkpointing import load_checkpoint
 
+        timers = self.logger.timers
+        timers("load-checkpoint", log_level=0).start(barrier=True)
         progress = load_checkpoint(
             self.cfg.load, self.module, self.optimizer, self.scheduler, self.cfg, self.pstate
         )
+        timers("load-checkpoint").stop(barrier=True)
+        self.logger.log_timers(["load-checkpoint"])
         if progress is None:
             return
         self.iteration = progress.iteration
@@ -259,6 +257,7 @@ class Trainer:
 
         finish_param_sync(self.optimizer)  # an --overlap-param-gather gather must land before saving
         self.logger.pause()
+        self.logger.timers("save-checkpoint", log_level=0).start(barrier=False)
         save_checkpoint(
             self.cfg.save,
             self.iteration,
@@ -274,7 +273,9 @@ class Trainer:
             },
         )
         self.last_saved_iteration = self.iteration
+        self.logger.timers("save-checkpoint").stop(barrier=False)
         self.logger.print(f"  saved checkpoint at iteration {self.iteration:7d} to {self.cfg.save}")
+        self.logger.log_timers(["save-checkpoint"])
         self.logger.resume()
 
     # ---- data ------------------------------------------------------------------------------------
@@ -363,25 +364,45 @@ class Trainer:
         num_tokens = torch.stack([b["loss_mask"].float().sum() for b in batches])
         weights = micro_batch_loss_weights(num_tokens, cfg.calculate_per_token_loss, self.pstate)
         loss_sum = torch.zeros((), device=self.pstate.device)
+        timers = self.logger.timers  # Megatron's, by --timing-log-level (level 1 and 2 ones here)
+        timers("forward-backward", log_level=1).start()
         for i, batch in enumerate(batches):
             with self._grad_sync(last=i == n - 1):
+                timers("forward-compute", log_level=2).start()
                 loss = self._micro_batch_loss_sum(self.model, batch)
+                timers("forward-compute").stop()
+                timers("backward-compute", log_level=2).start()
                 (loss * (weights[i] * self.scaler.scale)).backward()
+                timers("backward-compute").stop()
             loss_sum += loss.detach()
         if self.ddp is not None and not cfg.overlap_grad_reduce:
+            timers("all-grads-sync", log_level=1).start()
             all_reduce_gradients(self.params, self.pstate)
+            timers("all-grads-sync").stop()
+        timers("forward-backward").stop()
         totals = self._dp_sum(torch.stack([loss_sum, num_tokens.sum()]))
         lm_loss = (totals[0] / totals[1]).item()
         # Under --sequence-parallel the model's autograd already sums the replicated norms' and biases'
         # partial gradients over the TP group, so the gradients are complete here.
+        timers("optimizer", log_level=1).start()
         self.scaler.unscale_(self.params)
+        timers("optimizer-clip-main-grad", log_level=1).start()
         grad_norm = clip_grad_norm(self.params, cfg.clip_grad, self.pstate)
+        timers("optimizer-clip-main-grad").stop()
         skipped = not (math.isfinite(grad_norm) and math.isfinite(lm_loss))
+        self.num_zeros_in_grad: float | None = None  # Megatron has none for a skipped step
         if not skipped:
+            timers("optimizer-count-zeros", log_level=1).start()
+            if cfg.log_num_zeros_in_grad:
+                self.num_zeros_in_grad = count_zeros_in_grad(self.params, self.pstate)
+            timers("optimizer-count-zeros").stop()
+            timers("optimizer-inner-step", log_level=1).start()
             self.optimizer.step()
+            timers("optimizer-inner-step").stop()
             # Megatron's increment: the samples this step trained on (its micro batches x mbs x DP).
             self.scheduler.step(n * cfg.micro_batch_size * self.pstate.dp_size)
         self.scaler.update(found_inf=skipped)
+        timers("optimizer").stop()
         return lm_loss, grad_norm, skipped
 
     # ---- evaluation ------------------------------------------------------------------------------
@@ -406,7 +427,12 @@ class Trainer:
         if data_iter is None or self.cfg.eval_iters == 0:
             return None
         self.logger.pause()
+        manual_gc_before_evaluation(self.cfg)
+        self.logger.timers("evaluate", log_level=0).start(barrier=True)
         loss = self.evaluate(data_iter)
+        self.logger.timers("evaluate").stop()
+        self.logger.log_timers(["evaluate"])
+        manual_gc_after_evaluation(self.cfg)
         if loss is not None:
             box = self.logger.evaluation(where, loss, self.iteration, self.consumed_train_samples, split)
             if box is not None:
@@ -419,7 +445,13 @@ class Trainer:
         """Train to --train-iters (or an exit condition), then evaluate on the validation and test sets."""
         cfg = self.cfg
         if not cfg.skip_train:
-            reason = self.train(exit_signal, start_time)
+            profiler = Profiler(cfg, self.pstate.rank, self.pstate.device)
+            if profiler.notice() is not None:
+                self.logger.print(f"> {profiler.notice()}")
+            try:
+                reason = self.train(exit_signal, start_time, profiler)
+            finally:
+                profiler.close()
             if reason is not None:
                 self.result.exit_reason = reason
                 return self._finish()
@@ -435,17 +467,26 @@ class Trainer:
             )
         return self._finish()
 
-    def train(self, exit_signal: ExitSignal, start_time: float) -> str | None:
+    def train(
+        self, exit_signal: ExitSignal, start_time: float, profiler: Profiler | None = None
+    ) -> str | None:
         """The iteration loop; returns why it stopped early (after saving), or None at --train-iters."""
         cfg = self.cfg
         consecutive_skips = 0
+        manual_gc_start(cfg)
         self.logger.start()
         while self.iteration < cfg.train_iters:
+            if profiler is not None:
+                profiler.step(self.iteration)
             # Megatron sets the step's micro batches from the samples consumed so far (batch ramp-up).
             self.microbatches.update(self.consumed_train_samples, consistency_check=True)
+            self.logger.timers("batch-generator", log_level=2).start()
             batches = self._next_micro_batches(self.train_iter, "training", self.microbatches.get())
+            self.logger.timers("batch-generator").stop()
             loss, grad_norm, skipped = self.train_step(batches)
             self.iteration += 1
+            if profiler is not None:
+                profiler.after(self.iteration)
             self.consumed_train_samples += self.microbatches.get_current_running_global_batch_size()
             self.result.losses.append((self.iteration, loss))
             self.skipped_iterations += int(skipped)
@@ -463,9 +504,11 @@ class Trainer:
                 loss_scale=self.scaler.scale,
                 skipped=skipped,
                 params_norm=self._params_norm_if_logged(),
+                num_zeros_in_grad=self.num_zeros_in_grad,
             )
             if line is not None:
                 self.result.log_lines.append(line)
+            manual_gc_after_iteration(cfg, self.iteration)
             if consecutive_skips >= cfg.max_consecutive_skipped_iterations:
                 self._stop_non_finite(consecutive_skips)
             if self.iteration % cfg.eval_interval == 0:

@@ -18,6 +18,7 @@ MEGATRON_LINE = re.compile(
     r"(?: lm loss: (?P<loss>\d\.\d{6}E[+-]\d{2}) \|)?"
     r" loss scale: (?P<loss_scale>\d+\.\d) \|"
     r"(?: grad norm: (?P<grad_norm>(?:\d+\.\d{3}|nan|inf)) \|)?"
+    r"(?: num zeros: (?P<num_zeros>\d+\.\d+(?:e\+\d+)?) \|)?"
     r"(?: params norm: (?P<params_norm>\d+\.\d{3}) \|)?"
     r" number of skipped iterations: +(?P<skipped>\d+) \|"
     r" number of nan iterations: +(?P<nan>\d+) \|$"
@@ -40,3 +41,26 @@ VALIDATION_LINE = re.compile(
 def parse_lines(text: str) -> list[dict]:
     """Every Megatron training line in `text`, as a dict of its fields (strings)."""
     return [m.groupdict() for m in map(MEGATRON_LINE.match, text.splitlines()) if m]
+
+
+# Megatron's timer report after the log line (--timing-log-level 1 or 2) and after one-off events.
+TIMERS_HEADER = {"max": "max time across ranks (ms):", "minmax": "(min, max) time across ranks (ms):"}
+MINMAX_TIMER_LINE = re.compile(r"^    (?P<name>\S+) \.+: \((?P<min>\d+\.\d{2}), (?P<max>\d+\.\d{2})\)$")
+MAX_TIMER_LINE = re.compile(r"^    (?P<name>\S+) \.+: (?P<max>\d+\.\d{2})$")
+
+
+def parse_timer_blocks(text: str) -> list[dict[str, tuple[float, ...]]]:
+    """Each minmax or max timer block in `text`: {timer name: (min, max)} or {timer name: (max,)}."""
+    blocks, current, pattern = [], None, None
+    for line in text.splitlines():
+        if line in TIMERS_HEADER.values():
+            current, pattern = {}, MINMAX_TIMER_LINE if line == TIMERS_HEADER["minmax"] else MAX_TIMER_LINE
+            blocks.append(current)
+            continue
+        match = pattern.match(line) if current is not None else None
+        if match is None:
+            current = None
+            continue
+        fields = match.groupdict()
+        current[fields["name"]] = tuple(float(fields[k]) for k in ("min", "max") if k in fields)
+    return blocks

@@ -218,12 +218,34 @@ def test_build_once_protocol(tmp_path):
     np.testing.assert_array_equal(lonely.sample_index, builder.sample_index)
 
 
-def test_plain_sample_has_no_attention_mask(tmp_path):
+def test_plain_sample_carries_the_causal_mask_unless_turned_off(tmp_path):
     ds, _ = make_dataset(tmp_path / "d", [30] * 5)
-    sample = GPTDataset(ds, str(tmp_path / "d"), np.arange(5), None, "train", config(tmp_path))[0]
-    assert set(sample) == {"tokens", "labels", "loss_mask", "position_ids"}
+    gpt = GPTDataset(ds, str(tmp_path / "d"), np.arange(5), None, "train", config(tmp_path))
+    sample = gpt[0]
+    # Megatron's default (create_attention_mask): [1, s, s] bool, True = masked, i.e. the future.
+    assert set(sample) == {"tokens", "labels", "loss_mask", "position_ids", "attention_mask"}
+    mask = sample["attention_mask"]
+    assert mask.shape == (1, 8, 8) and mask.dtype == torch.bool
+    assert torch.equal(mask[0], torch.tril(torch.ones(8, 8)) < 0.5)
+    assert torch.equal(gpt[1]["attention_mask"], mask)
     assert sample["loss_mask"].dtype == torch.float32 and sample["loss_mask"].tolist() == [1.0] * 8
     assert sample["position_ids"].tolist() == list(range(8))
+    # --no-create-attention-mask-in-dataloader: the same sample without the mask.
+    off = GPTDataset(
+        ds, str(tmp_path / "d"), np.arange(5), None, "train", config(tmp_path, create_attention_mask=False)
+    )
+    plain = off[0]
+    assert set(plain) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert all(torch.equal(plain[k], sample[k]) for k in plain)
+    masked = GPTDataset(
+        ds,
+        str(tmp_path / "d"),
+        np.arange(5),
+        None,
+        "train",
+        config(tmp_path, create_attention_mask=False, eod_mask_loss=True),
+    )
+    assert "attention_mask" not in masked[0]
 
 
 def test_masks_on_a_tiny_dataset(tmp_path):
@@ -269,6 +291,8 @@ def test_mask_function_against_megatron_loop():
     assert torch.equal(attention[0], expected < 0.5)
     attention, loss, position = get_ltor_masks_and_position_ids(tokens, 0, False, False, False)
     assert attention is None and position.tolist() == list(range(10)) and loss.tolist() == [1.0] * 10
+    attention, _, _ = get_ltor_masks_and_position_ids(tokens, 0, False, False, False, create_attention_mask=True)
+    assert torch.equal(attention[0], torch.tril(torch.ones(10, 10)) < 0.5)
 
 
 def test_index_build_is_vectorised_and_fast(tmp_path):
@@ -277,3 +301,40 @@ def test_index_build_is_vectorised_and_fast(tmp_path):
     out = build_gpt_indices(sizes, np.arange(len(sizes)), None, 1024, seed=1)
     assert time.perf_counter() - start < 3.0
     assert len(out["shuffle_index"]) == (int(sizes.sum()) - 1) // 1024
+
+
+def test_causal_mask_in_the_batch_changes_no_loss(tmp_path):
+    # The training loop hands batch["attention_mask"] to the model; the plain causal mask must give the
+    # model's own causal attention, so a run with and without the mask computes the same losses.
+    from megatron_lite.core.models.gpt import GPTModel
+    from megatron_lite.parallel_state import ParallelState
+    from tests.helpers import tiny_config
+
+    ds, _ = make_dataset(tmp_path / "d", [40] * 20)
+    on = GPTDataset(ds, str(tmp_path / "d"), np.arange(20), None, "train", config(tmp_path, seq=16))
+    off = GPTDataset(
+        ds, str(tmp_path / "d"), np.arange(20), None, "train", config(tmp_path, seq=16, create_attention_mask=False)
+    )
+    batch_on = torch.utils.data.default_collate([on[i] for i in range(4)])
+    batch_off = torch.utils.data.default_collate([off[i] for i in range(4)])
+    assert batch_on["attention_mask"].shape == (4, 1, 16, 16) and "attention_mask" not in batch_off
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(vocab_size=128, attention_dropout=0.0, hidden_dropout=0.0), ParallelState())
+    model.eval()
+    losses = [
+        model(b["tokens"], position_ids=b["position_ids"], attention_mask=b.get("attention_mask"), labels=b["labels"])
+        for b in (batch_on, batch_off)
+    ]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+
+
+def test_no_mmap_gives_identical_samples(tmp_path):
+    ds, _ = make_dataset(tmp_path / "d", [int(n) for n in np.random.default_rng(5).integers(1, 60, size=50)])
+    read = IndexedDataset(str(tmp_path / "d"), mmap_bin_files=False)
+    cfg = config(tmp_path, seq=16, reset_position_ids=True, reset_attention_mask=True)
+    a = GPTDataset(ds, str(tmp_path / "d"), np.arange(50), 120, "train", cfg)
+    b = GPTDataset(read, str(tmp_path / "d"), np.arange(50), 120, "train", cfg)
+    assert len(a) == len(b) >= 120
+    for i in range(len(a)):
+        sa, sb = a[i], b[i]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

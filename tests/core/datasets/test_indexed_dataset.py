@@ -187,3 +187,36 @@ def test_inconsistent_pointers_and_documents(tmp_path):
     docs_at = 34 + 5 * 12
     message = _corrupt(tmp_path, lambda i, b: (i[:docs_at] + struct.pack("<q", 1) + i[docs_at + 8 :], b))
     assert "d.idx: document indices must run from 0" in message
+
+
+def test_no_mmap_reads_the_same_tokens(tmp_path):
+    # --no-mmap-bin-files: seek+readinto per read gives exactly the memory map's tokens.
+    prefix = str(tmp_path / "hand")
+    write_by_hand(prefix, SEQUENCES, DOC_ENDS)
+    mapped, read = IndexedDataset(prefix), IndexedDataset(prefix, mmap_bin_files=False)
+    assert read._bin is None and isinstance(mapped._bin, np.memmap)
+    for i in range(5):
+        got = read[i]
+        assert got.dtype == np.uint16 and got.tolist() == mapped[i].tolist() == SEQUENCES[i]
+    assert read.get(2, offset=1, length=2).tolist() == [10, 11]
+    assert [x.tolist() for x in read[1:5]] == [x.tolist() for x in mapped[1:5]]
+    assert read.max_token_id() == mapped.max_token_id() == 50256
+    clone = copy.deepcopy(read)
+    assert clone._bin is None and clone.mmap_bin_files is False and clone[4].tolist() == [50256, 1]
+    # A read result is its own array, not a view of a buffer that the next read reuses.
+    first, second = read[0], read[2]
+    assert first.tolist() == SEQUENCES[0] and second.tolist() == SEQUENCES[2]
+
+
+def test_no_mmap_on_a_large_random_dataset(tmp_path):
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 3000, size=200)
+    tokens = rng.integers(0, 2**31 - 1, size=int(lengths.sum())).astype(np.int32)
+    with IndexedDatasetBuilder(str(tmp_path / "big"), np.int32) as b:
+        b.add_documents(tokens, lengths)
+        b.finalize()
+    mapped = IndexedDataset(str(tmp_path / "big"))
+    read = IndexedDataset(str(tmp_path / "big"), mmap_bin_files=False)
+    for i in rng.integers(0, 200, size=50):
+        np.testing.assert_array_equal(read[int(i)], mapped[int(i)])
+    assert read.max_token_id() == int(tokens.max())

@@ -78,7 +78,9 @@ class RMSNorm(_Norm):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        # x enters through one op (a cast, or a free view in fp32), so its gradient leaves the norm as one
+        # sum: the same sum, to the bit, as when --recompute-modules layernorm reruns the norm apart.
+        x32 = x.float() if x.dtype != torch.float32 else x.view_as(x)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (normed * self.scale().float()).to(x.dtype)
 

@@ -21,6 +21,23 @@ LLAMA_STYLE = dict(
     add_bias_linear=False,
 )
 
+# Models using several of Megatron's architecture switches at once, for the decoding and TP tests.
+SWITCH_STYLES = {
+    "llama-switches": dict(
+        LLAMA_STYLE,
+        qk_layernorm=True,
+        layernorm_zero_centered_gamma=True,
+        rotary_interleaved=True,
+        use_rope_scaling=True,
+        rope_scaling_factor=4.0,
+        rotary_base=1000000,
+        window_size="5,0",
+    ),
+    "gpt2-switches": dict(
+        squared_relu=True, qk_layernorm=True, layernorm_zero_centered_gamma=True, window_size="4,0"
+    ),
+}
+
 
 # What the GPT tests add to the shared tiny model: the exact vocabulary (no padding), no dropout, a fixed seed.
 GPT_TEST_SETTINGS = dict(make_vocab_size_divisible_by=1, hidden_dropout=0.0, attention_dropout=0.0, seed=1234)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from gpt_helpers import LLAMA_STYLE, batch, make_config
+from gpt_helpers import LLAMA_STYLE, SWITCH_STYLES, batch, make_config
 
 from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.core.models.gpt.kv_cache import (
@@ -12,10 +12,12 @@ from megatron_lite.core.models.gpt.kv_cache import (
     select_decode_linear,
 )
 
+STYLES = {"gpt2": {}, "llama": LLAMA_STYLE, **SWITCH_STYLES}
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
+
+@pytest.mark.parametrize("style", STYLES)
 def test_incremental_decoding_matches_full_forward(style):
-    cfg = make_config(**(LLAMA_STYLE if style == "llama" else {}))
+    cfg = make_config(**STYLES[style])
     model = GPTModel(cfg).eval()
     tokens, _ = batch(cfg)
     with torch.no_grad():
@@ -91,9 +93,10 @@ class StepSpy:
 
 
 @pytest.mark.parametrize("decode_linear", DECODE_LINEARS)
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("style", STYLES)
 def test_single_token_steps_take_the_decode_step_and_match_the_full_forward(style, decode_linear):
-    cfg = make_config(init_method_std=0.2, **(LLAMA_STYLE if style == "llama" else {}))
+    """The decode step covers every switch (q/k norms, 1p norms, interleaved and scaled RoPE, windows)."""
+    cfg = make_config(init_method_std=0.2, **STYLES[style])
     model = GPTModel(cfg).eval()
     spy = StepSpy(model)
     tokens, _ = batch(cfg)

@@ -83,13 +83,16 @@ def test_recompute_keeps_fewer_bytes_for_backward(runs):
 
 
 def _forward_calls(model) -> dict[type, int]:
-    """Counts of forward calls per module class, for the classes selective recompute may rerun."""
+    """Counts of forward calls per module class, for the classes selective recompute may rerun. A pre-hook:
+    checkpoint's recomputation stops once it has what backward needs, before the forward hooks run."""
     calls: dict[type, int] = {}
+
+    def count(module, args):
+        calls[type(module)] = calls.get(type(module), 0) + 1
+
     for module in model.modules():
         if isinstance(module, (DotProductAttention, MLP, LayerNorm, RMSNorm)):
-            module.register_forward_hook(
-                lambda mod, *_: calls.__setitem__(type(mod), calls.get(type(mod), 0) + 1)
-            )
+            module.register_forward_pre_hook(count)
     return calls
 
 
