@@ -1,4 +1,5 @@
-"""Install megatron-lite: `pip install -e .` (add `[dev]` for tests and lint, `[hf]` for HuggingFace interop)."""
+"""Install megatron-lite: `pip install -e .` (add `[dev]` for tests and lint, `[hf]` for HuggingFace interop and
+HuggingFaceTokenizer, `[sentencepiece]` for the SentencePiece tokenizers)."""
 
 from setuptools import find_packages, setup
 
@@ -18,7 +19,9 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "dev": ["pytest>=7", "ruff>=0.5"],
+        # sentencepiece in dev too, so that the SentencePiece tokenizer tests run wherever the tests do.
+        "dev": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.1.99"],
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
+        "sentencepiece": ["sentencepiece>=0.1.99"],
     },
 )

@@ -131,3 +131,26 @@ def output_layer_from_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, to
     if src.has("lm_head.weight"):
         src.take("lm_head.weight")
     return {}
+
+
+def take_norm_scale(src: TensorSource, name: str, size: int, cfg: MegatronConfig) -> torch.Tensor:
+    """The factor a norm multiplies by, as HF stores it: the weight, or, under --apply-layernorm-1p (which
+    stores w and scales by 1 + w), 1 + w folded in (HF norms have no zero-centred form)."""
+    weight = src.take(name, (size,))
+    return weight + 1 if cfg.layernorm_zero_centered_gamma else weight
+
+
+def sliding_window(cfg: MegatronConfig) -> int | None:
+    """HF's sliding_window of cfg's --window-size left,0: the keys a query sees, itself included (left + 1)."""
+    if cfg.window_size is None or cfg.window_size[0] < 0:
+        return None
+    return cfg.window_size[0] + 1
+
+
+def window_size_from_hf(sliding: int | None, target: str) -> tuple[int, int] | None:
+    """--window-size of HF's sliding_window (None: full attention)."""
+    if sliding is None:
+        return None
+    if int(sliding) < 1:
+        fail(f"{target}: sliding_window {sliding} must be at least 1 (the query itself)")
+    return (int(sliding) - 1, 0)

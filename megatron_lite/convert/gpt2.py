@@ -1,4 +1,4 @@
-"""GPT-2-style models (LayerNorm, learned positions, tanh-GELU, tied) <-> HuggingFace GPT2LMHeadModel."""
+"""GPT-2-style models (LayerNorm, learned positions, GELU or squared ReLU, tied) <-> HF GPT2LMHeadModel."""
 
 from __future__ import annotations
 
@@ -15,14 +15,19 @@ from megatron_lite.convert.common import (
     make_hf_config,
     merge_qkv,
     output_layer_from_hf,
+    sliding_window,
     split_qkv,
+    take_norm_scale,
 )
 from megatron_lite.errors import fail
 
 HF_ARCHITECTURE = "GPT2LMHeadModel"
 MODEL_TYPE = "gpt2"
-# HF activations that are GELU's tanh approximation, the only GELU megatron-lite's MLP computes.
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# HF's activation_function names of the MLP activations megatron-lite computes: the exact GELU (Megatron's
+# default), its tanh approximation (--openai-gelu; GPT-2's own "gelu_new") and relu(x)^2 (--squared-relu).
+EXACT_GELUS = ("gelu", "gelu_python")
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate", "gelu_python_tanh")
+SQUARED_RELUS = ("relu2",)
 # Old GPT-2 checkpoints store each layer's causal mask as a buffer; it is not a weight.
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
@@ -52,6 +57,19 @@ def check_exportable(cfg: MegatronConfig, transformers: ModuleType) -> None:
             f"{target}: --kv-channels {cfg.kv_channels} x --num-attention-heads {cfg.num_attention_heads} "
             f"is not --hidden-size {cfg.hidden_size}, but GPT-2's heads always split the hidden size"
         )
+    if cfg.qk_layernorm:
+        fail(f"{target}: --qk-layernorm is set, but GPT-2 has no query/key norms")
+    if sliding_window(cfg) is not None:
+        fail(
+            f"{target}: --window-size {cfg.window_size[0]},0 is set, but GPT-2 has no sliding-window attention"
+        )
+
+
+def activation_function(cfg: MegatronConfig) -> str:
+    """GPT2Config.activation_function of cfg's MLP."""
+    if cfg.squared_relu:
+        return SQUARED_RELUS[0]
+    return TANH_GELUS[0] if cfg.openai_gelu else EXACT_GELUS[0]
 
 
 def hf_config(
@@ -68,7 +86,7 @@ def hf_config(
         n_layer=cfg.num_layers,
         n_head=cfg.num_attention_heads,
         n_inner=cfg.ffn_hidden_size,
-        activation_function="gelu_new",
+        activation_function=activation_function(cfg),
         resid_pdrop=cfg.hidden_dropout,
         embd_pdrop=cfg.hidden_dropout,
         attn_pdrop=cfg.attention_dropout,
@@ -95,7 +113,7 @@ def weights_to_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Ten
     }
     for i in range(cfg.num_layers):
         ours, hf = f"decoder.layers.{i}.", f"transformer.h.{i}."
-        out[hf + "ln_1.weight"] = src.take(ours + "input_layernorm.weight", (h,))
+        out[hf + "ln_1.weight"] = take_norm_scale(src, ours + "input_layernorm.weight", h, cfg)
         out[hf + "ln_1.bias"] = src.take(ours + "input_layernorm.bias", (h,))
         qkv = src.take(ours + "self_attention.linear_qkv.weight", (3 * h, h))
         out[hf + "attn.c_attn.weight"] = torch.cat(split_qkv(qkv, heads, heads, d)).t()
@@ -105,13 +123,13 @@ def weights_to_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Ten
         out[hf + "attn.c_proj.bias"] = src.take_bias(
             ours + "self_attention.linear_proj.bias", h, cfg.add_bias_linear
         )
-        out[hf + "ln_2.weight"] = src.take(ours + "pre_mlp_layernorm.weight", (h,))
+        out[hf + "ln_2.weight"] = take_norm_scale(src, ours + "pre_mlp_layernorm.weight", h, cfg)
         out[hf + "ln_2.bias"] = src.take(ours + "pre_mlp_layernorm.bias", (h,))
         out[hf + "mlp.c_fc.weight"] = src.take(ours + "mlp.linear_fc1.weight", (ffn, h)).t()
         out[hf + "mlp.c_fc.bias"] = src.take_bias(ours + "mlp.linear_fc1.bias", ffn, cfg.add_bias_linear)
         out[hf + "mlp.c_proj.weight"] = src.take(ours + "mlp.linear_fc2.weight", (h, ffn)).t()
         out[hf + "mlp.c_proj.bias"] = src.take_bias(ours + "mlp.linear_fc2.bias", h, cfg.add_bias_linear)
-    out["transformer.ln_f.weight"] = src.take("decoder.final_layernorm.weight", (h,))
+    out["transformer.ln_f.weight"] = take_norm_scale(src, "decoder.final_layernorm.weight", h, cfg)
     out["transformer.ln_f.bias"] = src.take("decoder.final_layernorm.bias", (h,))
     return out
 
@@ -123,10 +141,11 @@ def config_from_hf(hf: Any) -> dict[str, Any]:
     """MegatronConfig model fields of a GPT2Config; UserError for what megatron-lite's model cannot compute."""
     target = f"cannot import this {HF_ARCHITECTURE}"
     activation = getattr(hf, "activation_function", "gelu_new")
-    if activation not in TANH_GELUS:
+    known = EXACT_GELUS + TANH_GELUS + SQUARED_RELUS
+    if activation not in known:
         fail(
-            f"{target}: activation_function {activation!r} is not the tanh-approximated GELU "
-            f"({', '.join(TANH_GELUS)}) that megatron-lite's MLP computes"
+            f"{target}: activation_function {activation!r} is none of those megatron-lite's MLP computes "
+            f"({', '.join(known)})"
         )
     if not getattr(hf, "scale_attn_weights", True) or getattr(hf, "scale_attn_by_inverse_layer_idx", False):
         fail(
@@ -148,6 +167,8 @@ def config_from_hf(hf: Any) -> dict[str, Any]:
         "layernorm_epsilon": float(hf.layer_norm_epsilon),
         "untie_embeddings_and_output_weights": not getattr(hf, "tie_word_embeddings", True),
         "swiglu": False,
+        "openai_gelu": activation in TANH_GELUS,
+        "squared_relu": activation in SQUARED_RELUS,
         "add_bias_linear": True,
         "attention_dropout": float(hf.attn_pdrop),
         "hidden_dropout": float(hf.resid_pdrop),

@@ -13,8 +13,8 @@ from types import ModuleType
 import torch
 
 from megatron_lite.config import MegatronConfig
-from megatron_lite.convert import gpt2, llama
-from megatron_lite.convert.common import TensorSource, require_hf
+from megatron_lite.convert import gpt2, llama, mistral, qwen3
+from megatron_lite.convert.common import TensorSource, require_hf, sliding_window
 from megatron_lite.errors import fail
 from megatron_lite.training.checkpointing import (
     iteration_dir_name,
@@ -47,7 +47,8 @@ def export_to_hf(
     iteration: int | None = None,
     dtype: str = "float32",
 ) -> ExportResult:
-    """Write checkpoint `iteration` (default: latest) of load_dir as a GPT2LMHeadModel or LlamaForCausalLM.
+    """Write checkpoint `iteration` (default: latest) of load_dir as a GPT2LMHeadModel, LlamaForCausalLM,
+    Qwen3ForCausalLM (--qk-layernorm) or MistralForCausalLM (--window-size).
 
     save_dir gets config.json and model.safetensors with the true (unpadded) vocabulary, plus the
     tokenizer files for GPT-2 BPE. The directory appears whole or not at all. Options the target
@@ -93,12 +94,15 @@ def export_to_hf(
 
 
 def _family_of(cfg: MegatronConfig) -> ModuleType:
-    """The HF architecture a model's norm and position embedding pick; other mixes have none."""
+    """The HF architecture a model's norm and position embedding pick (and, for RMSNorm with rope, its q/k
+    norms or sliding window); other mixes have none."""
     pos, norm = cfg.position_embedding_type, cfg.normalization
     if pos == "learned_absolute" and norm == "LayerNorm":
         return gpt2
     if pos == "rope" and norm == "RMSNorm":
-        return llama
+        if cfg.qk_layernorm:
+            return qwen3
+        return mistral if sliding_window(cfg) is not None else llama
     fail(
         f"cannot export: --normalization {norm} with --position-embedding-type {pos} has no HuggingFace "
         f"equivalent ({gpt2.HF_ARCHITECTURE} is LayerNorm with learned_absolute, {llama.HF_ARCHITECTURE} "

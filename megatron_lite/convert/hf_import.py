@@ -1,4 +1,5 @@
-"""Import a local HuggingFace GPT2LMHeadModel or LlamaForCausalLM directory as a megatron-lite checkpoint."""
+"""Import a local HuggingFace GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM or MistralForCausalLM
+directory as a megatron-lite checkpoint."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import yaml
 
 from megatron_lite.arguments.render import as_flags
 from megatron_lite.config import MegatronConfig
-from megatron_lite.convert import gpt2, llama
+from megatron_lite.convert import gpt2, llama, mistral, qwen3
 from megatron_lite.convert.common import TensorSource, require_hf
 from megatron_lite.convert.hf_export import TOKENIZER_CONFIG_KEY
 from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training.checkpointing import VOCAB_PARAM_SUFFIXES, read_latest_iteration, save_checkpoint
 
-FAMILIES = {gpt2.MODEL_TYPE: gpt2, llama.MODEL_TYPE: llama}
+FAMILIES = {family.MODEL_TYPE: family for family in (gpt2, llama, qwen3, mistral)}
 # Written next to the checkpoint: the model settings every run that loads it must use (--yaml-cfg).
 ARGS_FILENAME = "imported_model.yaml"
 MODEL_FIELDS = (
@@ -36,9 +37,16 @@ MODEL_FIELDS = (
     "max_position_embeddings",
     "position_embedding_type",
     "rotary_base",
+    "use_rope_scaling",
+    "rope_scaling_factor",
+    "rotary_seq_len_interpolation_factor",
+    "window_size",
     "normalization",
     "layernorm_epsilon",
+    "qk_layernorm",
     "swiglu",
+    "squared_relu",
+    "openai_gelu",
     "untie_embeddings_and_output_weights",
     "add_bias_linear",
     "add_qkv_bias",
@@ -104,6 +112,10 @@ def model_settings(cfg: MegatronConfig) -> dict[str, Any]:
             continue
         if name == "rotary_base" and cfg.position_embedding_type != "rope":
             continue
+        if name == "rope_scaling_factor" and not cfg.use_rope_scaling:
+            continue
+        if name == "window_size":
+            value = ",".join(map(str, value))  # Megatron's tuple_type spelling, for YAML and flags alike
         settings[name] = value
     return settings
 
@@ -148,7 +160,8 @@ def _resolve_tokenizer(requested: str | None, hf_dir: Path, hf_config: Any, voca
     else:
         return None
     if name in TOKENIZER_TYPES and name not in BUNDLED_TOKENIZER_TYPES:
-        return name  # its files (--tokenizer-model, --vocab-size) are given when training; nothing to check here
+        # Its files (--tokenizer-model, --vocab-size) are given when training; nothing to check here.
+        return name
     if name not in BUNDLED_TOKENIZER_TYPES:
         fail(
             f"{source}: not a megatron-lite tokenizer; pass --tokenizer-type {' or '.join(BUNDLED_TOKENIZER_TYPES)}"

@@ -1,4 +1,5 @@
-"""LLaMA-style models (RMSNorm, RoPE, SwiGLU, GQA) <-> HuggingFace LlamaForCausalLM."""
+"""LLaMA-style models (RMSNorm, RoPE, SwiGLU, GQA) <-> HuggingFace LlamaForCausalLM, and the Llama layout
+of weights and config keys that Qwen3ForCausalLM and MistralForCausalLM share."""
 
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ from megatron_lite.convert.common import (
     merge_qkv,
     output_layer_from_hf,
     split_qkv,
+    take_norm_scale,
+)
+from megatron_lite.convert.rope import (
+    check_rope_exportable,
+    rope_config_values,
+    rope_from_hf,
+    rotate_half_rows,
 )
 from megatron_lite.errors import fail
 
@@ -25,30 +33,32 @@ MODEL_TYPE = "llama"
 # RoPE: megatron-lite rotates each head's [first half, second half] channel pairs (rotate-half, not
 # interleaved) with inv_freq = base^(-2i/d), exactly as HF Llama's rotate_half does, so q and k rows
 # need no permutation in either direction. (Meta's original checkpoints are interleaved; HF's own
-# converter permutes those, which is why HF-format weights are already in rotate-half order.)
+# converter permutes those, which is why HF-format weights are already in rotate-half order.) A model
+# trained with --rotary-interleaved is exported with its q and k rows permuted into that order.
 
 
 # ---- megatron-lite -> HF ------------------------------------------------------------------------------
+
+
+def check_llama_layout(cfg: MegatronConfig, target: str, config_class: type) -> None:
+    """UserError naming the first option the Llama layout (Llama, Qwen3, Mistral) cannot express."""
+    if not cfg.swiglu:
+        fail(f"{target}: --swiglu is off, but Llama's MLP is always gated SiLU (SwiGLU)")
+    check_rope_exportable(cfg, target)
+    if cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size and not config_accepts(
+        config_class, "head_dim"
+    ):
+        fail(
+            f"{target}: --kv-channels {cfg.kv_channels} differs from --hidden-size / --num-attention-heads "
+            f"and this transformers version's {config_class.__name__} has no head_dim; upgrade transformers"
+        )
 
 
 def check_exportable(cfg: MegatronConfig, transformers: ModuleType) -> None:
     """UserError naming the first option a LlamaForCausalLM (in this transformers version) cannot express."""
     target = f"cannot export to {HF_ARCHITECTURE}"
     config_class = transformers.LlamaConfig
-    if not cfg.swiglu:
-        fail(f"{target}: --swiglu is off, but Llama's MLP is always gated SiLU (SwiGLU)")
-    if cfg.rotary_percent != 1.0:
-        fail(
-            f"{target}: --rotary-percent {cfg.rotary_percent} rotates part of each head, but Llama "
-            "rotates all of it (--rotary-percent 1.0)"
-        )
-    if cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size and not config_accepts(
-        config_class, "head_dim"
-    ):
-        fail(
-            f"{target}: --kv-channels {cfg.kv_channels} differs from --hidden-size / --num-attention-heads "
-            "and this transformers version's LlamaConfig has no head_dim; upgrade transformers"
-        )
+    check_llama_layout(cfg, target, config_class)
     if cfg.add_bias_linear and not config_accepts(config_class, "mlp_bias"):
         fail(
             f"{target}: the model has linear biases (no --disable-bias-linear) and this transformers "
@@ -56,13 +66,12 @@ def check_exportable(cfg: MegatronConfig, transformers: ModuleType) -> None:
         )
 
 
-def hf_config(
-    cfg: MegatronConfig, transformers: ModuleType, *, dtype: str, eos: int | None, extra: dict[str, Any]
-) -> Any:
-    """The transformers LlamaConfig of this model."""
-    config_class = transformers.LlamaConfig
+def base_config_values(
+    cfg: MegatronConfig, config_class: type, architecture: str, dtype: str, eos: int | None, extra: dict
+) -> dict[str, Any]:
+    """The config keys every Llama-layout family shares."""
     values: dict[str, Any] = {
-        "architectures": [HF_ARCHITECTURE],
+        "architectures": [architecture],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.ffn_hidden_size,
@@ -74,40 +83,54 @@ def hf_config(
         "initializer_range": cfg.init_method_std,
         "rms_norm_eps": cfg.layernorm_epsilon,
         "tie_word_embeddings": not cfg.untie_embeddings_and_output_weights,
-        # Llama has one switch for the q/k/v/o biases: any of them on exports all four (zeros where absent).
-        "attention_bias": cfg.qkv_bias or cfg.add_bias_linear,
         "attention_dropout": cfg.attention_dropout,
         "bos_token_id": eos,
         "eos_token_id": eos,
         "pad_token_id": None,
         dtype_field(config_class): dtype,
+        **rope_config_values(cfg, config_class),
         **extra,
     }
     if config_accepts(config_class, "head_dim"):
         values["head_dim"] = cfg.kv_channels
+    return values
+
+
+def hf_config(
+    cfg: MegatronConfig, transformers: ModuleType, *, dtype: str, eos: int | None, extra: dict[str, Any]
+) -> Any:
+    """The transformers LlamaConfig of this model."""
+    config_class = transformers.LlamaConfig
+    values = base_config_values(cfg, config_class, HF_ARCHITECTURE, dtype, eos, extra)
+    # Llama has one switch for the q/k/v/o biases: any of them on exports all four (zeros where absent).
+    values["attention_bias"] = cfg.qkv_bias or cfg.add_bias_linear
     if config_accepts(config_class, "mlp_bias"):
         values["mlp_bias"] = cfg.add_bias_linear
-    if config_accepts(config_class, "rope_parameters"):
-        values["rope_parameters"] = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
-    else:
-        values["rope_theta"] = float(cfg.rotary_base)
     return make_hf_config(config_class, **values)
 
 
 def weights_to_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Tensor]:
-    """Full megatron-lite tensors -> LlamaForCausalLM's state dict (no lm_head.weight when tied)."""
+    """Full megatron-lite tensors -> the Llama layout's state dict (no lm_head.weight when tied).
+
+    Norm scales are 1 + w under --apply-layernorm-1p; with --rotary-interleaved the q and k rows (and
+    the q/k norms' channels) are permuted into rotate-half order; --qk-layernorm gives Qwen3's
+    self_attn.q_norm / k_norm.
+    """
     h, ffn, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups
     attention_bias, mlp_bias = cfg.qkv_bias or cfg.add_bias_linear, cfg.add_bias_linear
 
+    def rope_order(rows: torch.Tensor) -> torch.Tensor:
+        return rotate_half_rows(rows, d) if cfg.rotary_interleaved else rows
+
     out = {"model.embed_tokens.weight": src.take("embedding.word_embeddings.weight", (cfg.vocab_size, h))}
     for i in range(cfg.num_layers):
         ours, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out[hf + "input_layernorm.weight"] = src.take(ours + "input_layernorm.weight", (h,))
+        out[hf + "input_layernorm.weight"] = take_norm_scale(src, ours + "input_layernorm.weight", h, cfg)
         qkv = src.take(ours + "self_attention.linear_qkv.weight", ((heads + 2 * groups) * d, h))
         q, k, v = split_qkv(qkv, heads, groups, d)
-        out[hf + "self_attn.q_proj.weight"] = q
-        out[hf + "self_attn.k_proj.weight"] = k
+        out[hf + "self_attn.q_proj.weight"] = rope_order(q)
+        out[hf + "self_attn.k_proj.weight"] = rope_order(k)
         out[hf + "self_attn.v_proj.weight"] = v
         out[hf + "self_attn.o_proj.weight"] = src.take(
             ours + "self_attention.linear_proj.weight", (h, heads * d)
@@ -117,13 +140,19 @@ def weights_to_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Ten
                 ours + "self_attention.linear_qkv.bias", (heads + 2 * groups) * d, cfg.qkv_bias
             )
             q, k, v = split_qkv(qkv_bias, heads, groups, d)
-            out[hf + "self_attn.q_proj.bias"] = q
-            out[hf + "self_attn.k_proj.bias"] = k
+            out[hf + "self_attn.q_proj.bias"] = rope_order(q)
+            out[hf + "self_attn.k_proj.bias"] = rope_order(k)
             out[hf + "self_attn.v_proj.bias"] = v
             out[hf + "self_attn.o_proj.bias"] = src.take_bias(
                 ours + "self_attention.linear_proj.bias", h, cfg.add_bias_linear
             )
-        out[hf + "post_attention_layernorm.weight"] = src.take(ours + "pre_mlp_layernorm.weight", (h,))
+        if cfg.qk_layernorm:
+            for which in ("q", "k"):
+                scale = take_norm_scale(src, ours + f"self_attention.{which}_layernorm.weight", d, cfg)
+                out[hf + f"self_attn.{which}_norm.weight"] = rope_order(scale)
+        out[hf + "post_attention_layernorm.weight"] = take_norm_scale(
+            src, ours + "pre_mlp_layernorm.weight", h, cfg
+        )
         # fc1's rows are [gate; up] (see MLP); Llama keeps them as two matrices.
         gate, up = src.take(ours + "mlp.linear_fc1.weight", (2 * ffn, h)).chunk(2)
         out[hf + "mlp.gate_proj.weight"] = gate
@@ -134,7 +163,7 @@ def weights_to_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Ten
             out[hf + "mlp.gate_proj.bias"] = gate
             out[hf + "mlp.up_proj.bias"] = up
             out[hf + "mlp.down_proj.bias"] = src.take(ours + "mlp.linear_fc2.bias", (h,))
-    out["model.norm.weight"] = src.take("decoder.final_layernorm.weight", (h,))
+    out["model.norm.weight"] = take_norm_scale(src, "decoder.final_layernorm.weight", h, cfg)
     if cfg.untie_embeddings_and_output_weights:
         out["lm_head.weight"] = src.take("output_layer.weight", (cfg.vocab_size, h))
     return out
@@ -143,26 +172,13 @@ def weights_to_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Ten
 # ---- HF -> megatron-lite ------------------------------------------------------------------------------
 
 
-def config_from_hf(hf: Any) -> dict[str, Any]:
-    """MegatronConfig model fields of a LlamaConfig; UserError for what megatron-lite's model cannot compute."""
-    target = f"cannot import this {HF_ARCHITECTURE}"
+def base_config_from_hf(hf: Any, target: str) -> dict[str, Any]:
+    """MegatronConfig model fields every Llama-layout family shares (no biases, no window, no q/k norms)."""
     if hf.hidden_act != "silu":
         fail(f"{target}: hidden_act {hf.hidden_act!r} is not 'silu', the SwiGLU gate megatron-lite computes")
-    theta, rope_type, partial = _rope_settings(hf)
-    if rope_type != "default":
-        fail(
-            f"{target}: rope scaling {rope_type!r} (rope_parameters/rope_scaling) is not supported; "
-            "megatron-lite implements plain RoPE only"
-        )
-    if partial != 1.0:
-        fail(f"{target}: partial_rotary_factor {partial} is not supported; megatron-lite rotates whole heads")
-    if theta != int(theta):
-        fail(f"{target}: rope_theta {theta} is not a whole number, which --rotary-base must be")
     heads = hf.num_attention_heads
     groups = getattr(hf, "num_key_value_heads", None) or heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-    attention_bias = bool(getattr(hf, "attention_bias", False))
-    mlp_bias = bool(getattr(hf, "mlp_bias", False))
     return {
         "num_layers": hf.num_hidden_layers,
         "hidden_size": hf.hidden_size,
@@ -173,17 +189,12 @@ def config_from_hf(hf: Any) -> dict[str, Any]:
         "ffn_hidden_size": hf.intermediate_size,
         "max_position_embeddings": hf.max_position_embeddings,
         "position_embedding_type": "rope",
-        "rotary_base": int(theta),
-        "rotary_percent": 1.0,
+        **rope_from_hf(hf, target),
         "normalization": "RMSNorm",
         "layernorm_epsilon": float(hf.rms_norm_eps),
         "swiglu": True,
         "untie_embeddings_and_output_weights": not getattr(hf, "tie_word_embeddings", False),
-        # Megatron's switches: linear biases (proj, fc1, fc2, and qkv unless --disable-qkv-bias) and a
-        # separate QKV bias. A Llama o_proj bias without MLP biases has no place: it must be zero.
-        "add_bias_linear": mlp_bias,
-        "add_qkv_bias": attention_bias and not mlp_bias,
-        "disable_qkv_bias": mlp_bias and not attention_bias,
+        "add_bias_linear": False,
         "attention_dropout": float(getattr(hf, "attention_dropout", 0.0) or 0.0),
         "hidden_dropout": 0.0,
         "init_method_std": float(hf.initializer_range),
@@ -191,17 +202,28 @@ def config_from_hf(hf: Any) -> dict[str, Any]:
     }
 
 
-def _rope_settings(hf: Any) -> tuple[float, str, float]:
-    """(theta, rope type, partial rotary factor) from a transformers 5 rope_parameters dict or 4.x fields."""
-    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    partial = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
-    return float(theta), str(rope_type), float(partial if partial is not None else 1.0)
+def bias_fields(attention_bias: bool, mlp_bias: bool) -> dict[str, Any]:
+    """Megatron's switches for HF's attention_bias / mlp_bias: linear biases (proj, fc1, fc2, and qkv unless
+    --disable-qkv-bias) and a separate QKV bias. An o_proj bias without MLP biases has no place: it must
+    be zero."""
+    return {
+        "add_bias_linear": mlp_bias,
+        "add_qkv_bias": attention_bias and not mlp_bias,
+        "disable_qkv_bias": mlp_bias and not attention_bias,
+    }
+
+
+def config_from_hf(hf: Any) -> dict[str, Any]:
+    """MegatronConfig model fields of a LlamaConfig; UserError for what megatron-lite's model cannot compute."""
+    values = base_config_from_hf(hf, f"cannot import this {HF_ARCHITECTURE}")
+    values.update(
+        bias_fields(bool(getattr(hf, "attention_bias", False)), bool(getattr(hf, "mlp_bias", False)))
+    )
+    return values
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM keys without "model." (LlamaModel files have none); old inv_freq buffers dropped."""
+    """Llama-layout keys without "model." (base-model files have none); old inv_freq buffers dropped."""
     return {
         key.removeprefix("model."): tensor
         for key, tensor in state.items()
@@ -210,7 +232,8 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def weights_from_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.Tensor]:
-    """A Llama state dict (prefixes stripped) -> full megatron-lite tensors for cfg."""
+    """A Llama-layout state dict (prefixes stripped) -> full megatron-lite tensors for cfg (with Qwen3's
+    q_norm / k_norm when cfg has --qk-layernorm)."""
     h, ffn, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups
 
@@ -227,6 +250,11 @@ def weights_from_hf(src: TensorSource, cfg: MegatronConfig) -> dict[str, torch.T
             k = src.take(hf + "self_attn.k_proj.bias", (groups * d,))
             v = src.take(hf + "self_attn.v_proj.bias", (groups * d,))
             out[ours + "self_attention.linear_qkv.bias"] = merge_qkv(q, k, v, heads, groups, d)
+        if cfg.qk_layernorm:
+            for which in ("q", "k"):
+                out[ours + f"self_attention.{which}_layernorm.weight"] = src.take(
+                    hf + f"self_attn.{which}_norm.weight", (d,)
+                )
         out[ours + "self_attention.linear_proj.weight"] = src.take(
             hf + "self_attn.o_proj.weight", (h, heads * d)
         )

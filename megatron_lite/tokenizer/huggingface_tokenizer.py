@@ -12,7 +12,6 @@ import numpy as np
 from megatron_lite.errors import fail
 from megatron_lite.tokenizer.base import TextTokenizer, missing_package
 
-
 # A hub name is "name" or "org/name"; anything else that does not exist is a mistyped path.
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -40,7 +39,9 @@ class HuggingFaceTokenizer(TextTokenizer):
         path = os.path.expanduser(pretrained_model_name_or_path)
         self.path = path
         if os.path.isfile(path):
-            fail(f"--tokenizer-model {path}: a file; give the directory that holds the HuggingFace tokenizer files")
+            fail(
+                f"--tokenizer-model {path}: a file; give the directory that holds the HuggingFace tokenizer files"
+            )
         if not os.path.isdir(path) and not _HUB_NAME.fullmatch(pretrained_model_name_or_path):
             fail(f"--tokenizer-model {path}: directory not found; give a HuggingFace tokenizer directory")
         kwargs: dict[str, Any] = {}

@@ -45,7 +45,9 @@ class NullTokenizer(TextTokenizer):
             )
         for i in ids:
             if not 0 <= i < self._vocab_size:
-                fail(f"NullTokenizer: token id {i} is outside 0..{self._vocab_size - 1} (--vocab-size {self._vocab_size})")
+                fail(
+                    f"NullTokenizer: token id {i} is outside 0..{self._vocab_size - 1} (--vocab-size {self._vocab_size})"
+                )
         return ids
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:

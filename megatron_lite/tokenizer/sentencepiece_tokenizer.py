@@ -21,7 +21,9 @@ def load_sentencepiece(model_file: str, tokenizer: str) -> Any:
     try:
         return sentencepiece.SentencePieceProcessor(model_file=model_file)
     except (OSError, RuntimeError) as err:
-        fail(f"--tokenizer-model {model_file}: not a SentencePiece model ({str(err).strip() or type(err).__name__})")
+        fail(
+            f"--tokenizer-model {model_file}: not a SentencePiece model ({str(err).strip() or type(err).__name__})"
+        )
 
 
 class GPTSentencePieceTokenizer(TextTokenizer):
@@ -68,7 +70,9 @@ class Llama2Tokenizer(GPTSentencePieceTokenizer):
     def __init__(self, model_file: str) -> None:
         super().__init__(model_file)
         if self.bos < 0:
-            fail(f"--tokenizer-model {model_file}: the model has no bos piece, which {self.name} puts before every text")
+            fail(
+                f"--tokenizer-model {model_file}: the model has no bos piece, which {self.name} puts before every text"
+            )
 
     def encode(self, text: str) -> list[int]:
         return [self.bos, *self.sp.encode(text)]

@@ -44,19 +44,25 @@ def _read_megatron_json(path: str, raw: bytes) -> list[bytes]:
     try:
         entries = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        fail(f"--tokenizer-model {path}: not valid JSON ({err}); Megatron's tiktoken vocabulary is a JSON list")
+        fail(
+            f"--tokenizer-model {path}: not valid JSON ({err}); Megatron's tiktoken vocabulary is a JSON list"
+        )
     tokens = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or set(entry) != {"rank", "token_bytes", "token_str"}:
             fail(f"--tokenizer-model {path}: entry {i} is not a {{rank, token_bytes, token_str}} object")
         if entry["rank"] != i:
-            fail(f"--tokenizer-model {path}: entry {i} has rank {entry['rank']}; ranks must be 0, 1, 2, ... in order")
+            fail(
+                f"--tokenizer-model {path}: entry {i} has rank {entry['rank']}; ranks must be 0, 1, 2, ... in order"
+            )
         try:
             token = base64.b64decode(entry["token_bytes"], validate=True)
         except (binascii.Error, TypeError, ValueError):
             fail(f"--tokenizer-model {path}: entry {i} token_bytes is not base64")
         if i < 256 and token != bytes([i]):
-            fail(f"--tokenizer-model {path}: rank {i} must be the single byte {i} (ranks 0..255 are the bytes)")
+            fail(
+                f"--tokenizer-model {path}: rank {i} must be the single byte {i} (ranks 0..255 are the bytes)"
+            )
         tokens.append(token)
     return tokens
 
@@ -70,7 +76,9 @@ def _read_rank_lines(path: str, raw: bytes) -> list[bytes]:
             token, rank = line.split()
             tokens.append(base64.b64decode(token, validate=True))
             if int(rank) != len(tokens) - 1:
-                fail(f"--tokenizer-model {path}:{line_no}: rank {int(rank)}, expected {len(tokens) - 1} (ranks in order)")
+                fail(
+                    f"--tokenizer-model {path}:{line_no}: rank {int(rank)}, expected {len(tokens) - 1} (ranks in order)"
+                )
         except (ValueError, binascii.Error):
             fail(
                 f"--tokenizer-model {path}:{line_no}: neither Megatron's tiktoken JSON nor a "

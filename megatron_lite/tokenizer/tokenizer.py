@@ -119,4 +119,3 @@ def _build(name: str, s: SimpleNamespace) -> Tokenizer:
             s.tiktoken_special_tokens,
         )
     raise AssertionError(f"check_tokenizer let through {name!r}")
-

@@ -25,6 +25,22 @@ STYLES = {
         "untie_embeddings_and_output_weights": True,
         "add_bias_linear": False,
     },
+    # Megatron's architecture switches together: the decoding step must compute what the full forward does.
+    "rope_switches": {
+        "position_embedding_type": "rope",
+        "group_query_attention": True,
+        "num_query_groups": 2,
+        "normalization": "RMSNorm",
+        "swiglu": True,
+        "add_bias_linear": False,
+        "qk_layernorm": True,
+        "layernorm_zero_centered_gamma": True,
+        "rotary_interleaved": True,
+        "use_rope_scaling": True,
+        "rotary_base": 1000000,
+        "rotary_seq_len_interpolation_factor": 2,
+        "window_size": "6,0",
+    },
 }
 
 

@@ -4,10 +4,10 @@ import socket
 import sys
 
 import pytest
+from tokenizer.tokenizer_files import SENTENCES, paragraphs, save_hf_tokenizer
 
 from megatron_lite.errors import UserError
 from megatron_lite.tokenizer import build_tokenizer
-from tokenizer.tokenizer_files import SENTENCES, paragraphs, save_hf_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

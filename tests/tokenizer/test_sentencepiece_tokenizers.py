@@ -3,10 +3,10 @@
 import sys
 
 import pytest
+from tokenizer.tokenizer_files import SENTENCES, paragraphs, train_sentencepiece
 
 from megatron_lite.errors import UserError
 from megatron_lite.tokenizer import build_tokenizer
-from tokenizer.tokenizer_files import SENTENCES, paragraphs, train_sentencepiece
 
 sentencepiece = pytest.importorskip("sentencepiece")
 
@@ -75,7 +75,9 @@ def test_model_file_errors(tmp_path, sp_model):
     junk.write_bytes(b"not a model")
     with pytest.raises(UserError, match=r"junk\.model: not a SentencePiece model"):
         build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model=str(junk))
-    with pytest.raises(UserError, match="--vocab-extra-ids applies to --tokenizer-type SentencePieceTokenizer"):
+    with pytest.raises(
+        UserError, match="--vocab-extra-ids applies to --tokenizer-type SentencePieceTokenizer"
+    ):
         build_tokenizer("Llama2Tokenizer", tokenizer_model=sp_model, vocab_extra_ids=1)
     with pytest.raises(UserError, match="Llama2Tokenizer takes no --vocab-file/--merge-file"):
         build_tokenizer("Llama2Tokenizer", "encoder.json", "vocab.bpe", tokenizer_model=sp_model)

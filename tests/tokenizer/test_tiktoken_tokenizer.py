@@ -4,11 +4,11 @@ import json
 
 import pytest
 import tiktoken
+from tokenizer.tokenizer_files import SENTENCES, gpt2_ranks_bytes_first, paragraphs, write_tiktoken_vocab
 
 from megatron_lite.errors import UserError
 from megatron_lite.tokenizer import build_tokenizer
 from megatron_lite.tokenizer.tiktoken_tokenizer import PATTERN_TIKTOKEN_V1, PATTERN_TIKTOKEN_V2
-from tokenizer.tokenizer_files import SENTENCES, gpt2_ranks_bytes_first, paragraphs, write_tiktoken_vocab
 
 GPT2_TOKENS = len(gpt2_ranks_bytes_first())  # 50256 BPE tokens (no <|endoftext|>)
 
@@ -72,13 +72,19 @@ def test_vocabulary_is_cut_to_vocab_size(vocab):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({}, r"has 50256 tokens, but --vocab-size 131072 less --tiktoken-num-special-tokens 1000 needs 130072"),
+        (
+            {},
+            r"has 50256 tokens, but --vocab-size 131072 less --tiktoken-num-special-tokens 1000 needs 130072",
+        ),
         ({"vocab_size": 2000, "tiktoken_special_tokens": ["<s>", "</s>"]}, "must include <unk> <s> </s>"),
         (
             {"vocab_size": 2000, "tiktoken_special_tokens": ["<unk>", "<s>", "</s>", "<s>"]},
             "a token is listed twice",
         ),
-        ({"vocab_size": 2000, "tiktoken_num_special_tokens": 2}, "--tiktoken-num-special-tokens 2 is fewer than"),
+        (
+            {"vocab_size": 2000, "tiktoken_num_special_tokens": 2},
+            "--tiktoken-num-special-tokens 2 is fewer than",
+        ),
         ({"vocab_size": 1000}, "--tiktoken-num-special-tokens 1000 leaves no room"),
         ({"vocab_size": 2000, "vocab_file": "x.json"}, "TikTokenizer takes no --vocab-file/--merge-file"),
     ],
@@ -99,7 +105,10 @@ def test_file_errors(tmp_path, vocab):
     with pytest.raises(UserError, match="entry 0 has rank 1; ranks must be 0, 1, 2"):
         build_tokenizer("TikTokenizer", tokenizer_model=str(bad), vocab_size=2000)
     swapped = [dict(e) for e in entries]
-    swapped[0]["token_bytes"], swapped[1]["token_bytes"] = entries[1]["token_bytes"], entries[0]["token_bytes"]
+    swapped[0]["token_bytes"], swapped[1]["token_bytes"] = (
+        entries[1]["token_bytes"],
+        entries[0]["token_bytes"],
+    )
     bad.write_text(json.dumps(swapped))
     with pytest.raises(UserError, match="rank 0 must be the single byte 0"):
         build_tokenizer("TikTokenizer", tokenizer_model=str(bad), vocab_size=2000)

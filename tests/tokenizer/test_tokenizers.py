@@ -129,3 +129,32 @@ def test_mismatched_vocab_and_merge_files(tmp_path):
     merges.write_text("\n".join(lines[:1] + lines[2:]), encoding="utf-8")  # drop the first merge
     with pytest.raises(UserError, match="does not match"):
         build_tokenizer("GPT2BPETokenizer", str(ASSETS / "encoder.json"), str(merges))
+
+
+def test_tokenizer_flags_parse_into_the_config_and_build(tmp_path):
+    from tokenizer.tokenizer_files import gpt2_ranks_bytes_first, write_tiktoken_vocab
+
+    from megatron_lite.arguments import parse_config
+
+    vocab = write_tiktoken_vocab(tmp_path / "v.json", gpt2_ranks_bytes_first()[:400])
+    flags = ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", str(vocab), "--vocab-size", "300"]
+    flags += ["--tiktoken-pattern", "v1", "--tiktoken-num-special-tokens", "10"]
+    flags += ["--tiktoken-special-tokens", "<unk>", "<s>", "</s>", "<pad>"]
+    cfg = parse_config(flags)
+    assert (cfg.tokenizer_model, cfg.tiktoken_pattern, cfg.tiktoken_num_special_tokens) == (
+        str(vocab),
+        "v1",
+        10,
+    )
+    assert cfg.tiktoken_special_tokens == ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = build_tokenizer(cfg)
+    assert (tok.name, tok.vocab_size, tok.pad, tok.eod) == ("TikTokenizer", 300, 3, 2)
+    null = build_tokenizer(parse_config(["--tokenizer-type", "NullTokenizer", "--vocab-size", "64"]))
+    assert (null.vocab_size, null.eod) == (64, 63)
+    # Megatron's GPT examples: BPE files without a type mean GPT-2 BPE.
+    gpt2 = parse_config(
+        ["--vocab-file", str(ASSETS / "encoder.json"), "--merge-file", str(ASSETS / "vocab.bpe")]
+    )
+    assert build_tokenizer(gpt2).name == "GPT2BPETokenizer"
+    with pytest.raises(UserError, match="--tokenizer-type is required"):
+        build_tokenizer(parse_config([]))

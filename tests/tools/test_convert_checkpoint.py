@@ -249,7 +249,7 @@ IMPORTED_FLAGS = {
     "gpt2": (
         "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --kv-channels 8 --ffn-hidden-size 128 "
         "--max-position-embeddings 64 --position-embedding-type learned_absolute --normalization LayerNorm "
-        "--norm-epsilon 1e-05 --attention-dropout 0.1 --hidden-dropout 0.1 --vocab-size 300"
+        "--norm-epsilon 1e-05 --openai-gelu --attention-dropout 0.1 --hidden-dropout 0.1 --vocab-size 300"
     ),
     "llama": (
         "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "
@@ -307,6 +307,7 @@ def test_random_hf_model_imports_and_finetunes_from_its_weights(tmp_path, kind, 
 # ---- options the target cannot express ------------------------------------------------------------------
 
 TINY = tiny_flags(**ONE_LAYER, micro_batch_size=1, vocab_size=50, train_iters=1)
+LLAMA_FLAGS = "--normalization RMSNorm --position-embedding-type rope --swiglu"
 EXPORT_REFUSALS = {
     "--position-embedding-type rope": (
         "cannot export: --normalization LayerNorm with --position-embedding-type rope has no HuggingFace "
@@ -341,6 +342,22 @@ EXPORT_REFUSALS = {
         "cannot export to LlamaForCausalLM: --rotary-percent 0.5 rotates part of each head, but Llama rotates "
         "all of it (--rotary-percent 1.0)"
     ),
+    "--qk-layernorm": "cannot export to GPT2LMHeadModel: --qk-layernorm is set, but GPT-2 has no query/key norms",
+    "--window-size 3,0": (
+        "cannot export to GPT2LMHeadModel: --window-size 3,0 is set, but GPT-2 has no sliding-window attention"
+    ),
+    f"{LLAMA_FLAGS} --use-rope-scaling --rotary-seq-len-interpolation-factor 2": (
+        "cannot export to LlamaForCausalLM: --use-rope-scaling with --rotary-seq-len-interpolation-factor is two "
+        "RoPE scalings; HuggingFace's rope_parameters holds one rope_type"
+    ),
+    f"{LLAMA_FLAGS} --window-size 3,0": (
+        "cannot export to MistralForCausalLM (the HF model for --window-size): the model has linear biases, but "
+        "Mistral has none; train with --disable-bias-linear"
+    ),
+    f"{LLAMA_FLAGS} --qk-layernorm": (
+        "cannot export to Qwen3ForCausalLM (the HF model for --qk-layernorm): the model has MLP biases (no "
+        "--disable-bias-linear), but Qwen3's MLP has none"
+    ),
 }
 
 
@@ -362,12 +379,13 @@ def _write_hf_config(directory: Path, config) -> Path:
 
 
 IMPORT_REFUSALS = {
-    "erf-gelu": (
-        lambda: transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, activation_function="gelu"),
-        "cannot import this GPT2LMHeadModel: activation_function 'gelu' is not the tanh-approximated GELU "
-        "(gelu_new, gelu_pytorch_tanh, gelu_fast) that megatron-lite's MLP computes",
+    "silu-gpt2": (
+        lambda: transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, activation_function="silu"),
+        "cannot import this GPT2LMHeadModel: activation_function 'silu' is none of those megatron-lite's MLP "
+        "computes (gelu, gelu_python, gelu_new, gelu_pytorch_tanh, gelu_fast, gelu_accurate, gelu_python_tanh, "
+        "relu2)",
     ),
-    "llama3-rope": (
+    "llama3-rope-other-constants": (
         lambda: transformers.LlamaConfig(
             hidden_size=16,
             num_attention_heads=2,
@@ -378,22 +396,53 @@ IMPORT_REFUSALS = {
                     "factor": 8.0,
                     "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192,
+                    "original_max_position_embeddings": 4096,
                 }
             ),
         ),
-        "cannot import this LlamaForCausalLM: rope scaling 'llama3' (rope_parameters/rope_scaling) is not "
-        "supported; megatron-lite implements plain RoPE only",
+        "cannot import this LlamaForCausalLM: llama3 rope original_max_position_embeddings 4096 differs from "
+        "Megatron's 8192, the only value --use-rope-scaling computes",
+    ),
+    "yarn-rope": (
+        lambda: transformers.LlamaConfig(
+            hidden_size=16,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            **_rope_kwargs(
+                {
+                    "rope_type": "yarn",
+                    "rope_theta": 10000.0,
+                    "factor": 2.0,
+                    "original_max_position_embeddings": 32,
+                }
+            ),
+        ),
+        "cannot import this LlamaForCausalLM: rope scaling 'yarn' (rope_parameters/rope_scaling) is not "
+        "supported; megatron-lite implements default, linear and llama3 RoPE",
     ),
     "gelu-llama": (
         lambda: transformers.LlamaConfig(hidden_size=16, num_attention_heads=2, hidden_act="gelu"),
         "cannot import this LlamaForCausalLM: hidden_act 'gelu' is not 'silu', the SwiGLU gate megatron-lite "
         "computes",
     ),
-    "mistral": (
-        lambda: transformers.MistralConfig(hidden_size=16, num_attention_heads=2),
-        "{dir}/config.json: model_type 'mistral' is not supported; megatron-lite imports GPT2LMHeadModel "
-        "(gpt2), LlamaForCausalLM (llama)",
+    "qwen3-mixed-windows": (
+        lambda: transformers.Qwen3Config(
+            hidden_size=16,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_hidden_layers=2,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+        ),
+        "cannot import this Qwen3ForCausalLM: layer_types mixes sliding and full attention layers; "
+        "megatron-lite's --window-size applies to every layer",
+    ),
+    "qwen2": (
+        lambda: transformers.Qwen2Config(hidden_size=16, num_attention_heads=2, num_key_value_heads=2),
+        "{dir}/config.json: model_type 'qwen2' is not supported; megatron-lite imports GPT2LMHeadModel "
+        "(gpt2), LlamaForCausalLM (llama), Qwen3ForCausalLM (qwen3), MistralForCausalLM (mistral)",
     ),
 }
 

@@ -265,3 +265,99 @@ def test_unwritable_output_directory(tmp_path):
     assert_clean_failure(
         proc, tmp_path, "cannot write the output", "--output-prefix", keep=["file", "in.jsonl"]
     )
+
+
+# ---- the file-backed tokenizers: same flags as training, ids of the library, dtype by optimal_dtype ----
+
+
+def _preprocess_in_process(tmp_path, texts, *flags):
+    from megatron_lite.core.datasets.preprocessing import preprocess_main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    prefix = tmp_path / "out"
+    assert preprocess_main(["--input", str(src), "--output-prefix", str(prefix), *map(str, flags)]) == 0
+    return IndexedDataset(f"{prefix}_text_document")
+
+
+def test_sentencepiece_via_tokenizer_model(tmp_path):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from tokenizer.tokenizer_files import paragraphs, train_sentencepiece
+
+    model = train_sentencepiece(tmp_path / "sp")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    texts = paragraphs(chars=20_000)
+    flags = [
+        "--tokenizer-type",
+        "Llama2Tokenizer",
+        "--tokenizer-model",
+        model,
+        "--append-eod",
+        "--workers",
+        2,
+    ]
+    ds = _preprocess_in_process(tmp_path, texts, *flags)
+    assert ds.dtype is np.uint16 and len(ds) == len(texts)
+    for i, text in enumerate(texts):
+        assert ds[i].tolist() == [sp.bos_id(), *sp.encode(text), sp.eos_id()]  # bos ... eod (= eos)
+
+
+def test_tiktoken_flags(tmp_path):
+    import tiktoken
+    from tokenizer.tokenizer_files import gpt2_ranks_bytes_first, paragraphs, write_tiktoken_vocab
+
+    from megatron_lite.tokenizer.tiktoken_tokenizer import PATTERN_TIKTOKEN_V1
+
+    tokens = gpt2_ranks_bytes_first()[:20_000]
+    vocab = write_tiktoken_vocab(tmp_path / "vocab.json", tokens)
+    ref = tiktoken.Encoding(
+        name="ref",
+        pat_str=PATTERN_TIKTOKEN_V1,
+        mergeable_ranks={t: r for r, t in enumerate(tokens)},
+        special_tokens={},
+    )
+    texts = paragraphs(chars=10_000)
+    flags = ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", vocab, "--vocab-size", 20_010]
+    flags += ["--tiktoken-pattern", "v1", "--tiktoken-num-special-tokens", 10, "--append-eod"]
+    flags += ["--tiktoken-special-tokens", "<unk>", "<s>", "</s>", "<pad>"]
+    ds = _preprocess_in_process(tmp_path, texts, *flags)
+    assert ds.dtype is np.uint16
+    for i, text in enumerate(texts):
+        assert ds[i].tolist() == [t + 10 for t in ref.encode_ordinary(text)] + [2]
+
+
+def test_null_tokenizer_dtype_follows_vocab_size(tmp_path):
+    # optimal_dtype(vocab_size): uint16 below 65500 ids, else int32 (Megatron's choice).
+    ds = _preprocess_in_process(
+        tmp_path, ["1 2 3", "65499 0"], "--tokenizer-type", "NullTokenizer", "--vocab-size", 65500
+    )
+    assert ds.dtype is np.int32 and [ds[0].tolist(), ds[1].tolist()] == [[1, 2, 3], [65499, 0]]
+    ds = _preprocess_in_process(
+        tmp_path, ["7 8", "9"], "--tokenizer-type", "NullTokenizer", "--vocab-size", 65499, "--append-eod"
+    )
+    assert ds.dtype is np.uint16 and [ds[0].tolist(), ds[1].tolist()] == [[7, 8, 65498], [9, 65498]]
+
+
+def test_huggingface_tokenizer_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizer.tokenizer_files import paragraphs, save_hf_tokenizer
+
+    directory = save_hf_tokenizer(tmp_path / "hf")
+    ref = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    texts = paragraphs(chars=10_000)
+    flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", directory, "--append-eod"]
+    ds = _preprocess_in_process(tmp_path, texts, *flags, "--workers", 2)
+    for i, text in enumerate(texts):
+        assert ds[i].tolist() == ref(text).input_ids + [ref.eos_token_id]
+
+
+def test_tokenizer_flag_errors_are_one_line(tmp_path):
+    src = tmp_path / "in.jsonl"
+    write_lines(src, [GOOD])
+    proc = run("--input", src, "--output-prefix", tmp_path / "out", "--tokenizer-type", "NullTokenizer")
+    assert_clean_failure(proc, tmp_path, "NullTokenizer needs --vocab-size", keep=["in.jsonl"])
+    proc = run(
+        "--input", src, "--output-prefix", tmp_path / "out", "--tokenizer-type", "GPTSentencePieceTokenizer",
+        "--tokenizer-model", tmp_path / "none.model",
+    )  # fmt: skip
+    assert_clean_failure(proc, tmp_path, "none.model: file not found", keep=["in.jsonl"])

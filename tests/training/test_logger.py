@@ -4,10 +4,11 @@ import math
 
 import pytest
 from helpers import ONE_LAYER_RUN, tiny_flags
-from megatron_log import MEGATRON_LINE, REFERENCE_EXAMPLE, VALIDATION_LINE
+from megatron_log import MEGATRON_LINE, REFERENCE_EXAMPLE, VALIDATION_LINE, parse_timer_blocks
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_lite.arguments import parse_config
+from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training.logger import TrainingLogger, format_log_line, format_validation_box
 from megatron_lite.training.training import pretrain
@@ -129,24 +130,21 @@ def _scalars(accumulator, tag):
     return [(e.step, e.value) for e in accumulator.Scalars(tag)]
 
 
+def _events(path):
+    events = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
 def test_tensorboard_tags_and_values(tmp_path):
     flags = "--train-iters 6 --log-interval 3 --eval-interval 3 --eval-iters 1 --tensorboard-dir"
     cfg = parse_config(TINY + flags.split() + [str(tmp_path)])
     result = pretrain(cfg)
-    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "tensors": 0})
-    events.Reload()
+    events = _events(tmp_path)
     tags = set(events.Tags()["scalars"])
-    for tag in (
-        "learning-rate",
-        "batch-size",
-        "lm loss",
-        "grad-norm",
-        "loss-scale",
-        "lm loss validation",
-        "lm loss validation ppl",
-    ):
-        assert {tag, f"{tag} vs samples"} <= tags
-    assert {"throughput", "iteration-time", "mem-rss-bytes", "lm loss test"} <= tags
+    # Megatron's default set; everything else needs its flag.
+    default = ("learning-rate", "batch-size", "lm loss", "grad-norm", "loss-scale", "lm loss validation")
+    assert tags == {t for tag in (*default, "lm loss test") for t in (tag, f"{tag} vs samples")}
 
     losses = _scalars(events, "lm loss")
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
@@ -161,11 +159,7 @@ def test_tensorboard_tags_and_values(tmp_path):
     validation = _scalars(events, "lm loss validation")
     assert [s for s, _ in validation] == [3, 6, 6]  # iterations 3 and 6, then the final evaluation
     assert [v for _, v in validation] == pytest.approx([v for _, v in result.validation_losses], rel=1e-6)
-    ppl = [v for _, v in _scalars(events, "lm loss validation ppl")]
-    assert ppl == pytest.approx([math.exp(v) for _, v in result.validation_losses], rel=1e-5)
     assert [s for s, _ in _scalars(events, "lm loss validation vs samples")] == [12, 24, 24]
-    assert [s for s, _ in _scalars(events, "throughput")] == [3, 6]
-    assert all(v > 1e6 for _, v in _scalars(events, "mem-rss-bytes"))
 
     def text(name):
         return events.Tensors(f"{name}/text_summary")[0].tensor_proto.string_val[0].decode()
@@ -176,3 +170,76 @@ def test_tensorboard_tags_and_values(tmp_path):
         "True",
         str(tmp_path),
     )
+
+
+def test_each_tensorboard_flag_switches_its_tags(tmp_path, capsys):
+    flags = (
+        "--train-iters 6 --log-interval 3 --eval-interval 3 --eval-iters 1 --tensorboard-log-interval 2 "
+        "--log-validation-ppl-to-tensorboard --log-memory-to-tensorboard --log-world-size-to-tensorboard "
+        "--no-log-loss-scale-to-tensorboard --log-timers-to-tensorboard --log-throughput --timing-log-level 2 "
+        "--log-num-zeros-in-grad --tensorboard-dir"
+    )
+    capsys.readouterr()
+    result = pretrain(parse_config(TINY + flags.split() + [str(tmp_path)]))
+    out = capsys.readouterr().out
+    events = _events(tmp_path)
+    tags = set(events.Tags()["scalars"])
+    assert "loss-scale" not in tags and "loss-scale vs samples" not in tags
+    assert [s for s, _ in _scalars(events, "learning-rate")] == [2, 4, 6]  # --tensorboard-log-interval 2
+    assert _scalars(events, "world-size") == [(2, 1.0), (4, 1.0), (6, 1.0)]
+    assert [s for s, _ in _scalars(events, "world-size vs samples")] == [8, 16, 24]
+
+    # mem-* every TensorBoard interval; on CPU: virtual size >= peak resident >= resident, and no count.
+    memory = {tag: [v for _, v in _scalars(events, tag)] for tag in tags if tag.startswith("mem-")}
+    assert set(memory) == {"mem-reserved-bytes", "mem-allocated-bytes", "mem-max-allocated-bytes"}
+    for reserved, allocated, peak in zip(
+        *(memory[f"mem-{k}-bytes"] for k in ("reserved", "allocated", "max-allocated"))
+    ):
+        assert reserved >= peak >= allocated > 50e6  # torch alone is more than 50 MB resident
+
+    ppl = [v for _, v in _scalars(events, "lm loss validation ppl")]
+    assert ppl == pytest.approx([math.exp(v) for _, v in result.validation_losses], rel=1e-5)
+    assert [s for s, _ in _scalars(events, "lm loss validation ppl vs samples")] == [12, 24, 24]
+
+    # Interval values at the log lines, equal to what the lines and timer reports print.
+    lines = [MEGATRON_LINE.match(line).groupdict() for line in result.log_lines if MEGATRON_LINE.match(line)]
+    assert [s for s, _ in _scalars(events, "iteration-time")] == [3, 6]
+    for (_, seconds), fields in zip(_scalars(events, "iteration-time"), lines):
+        assert seconds * 1000 == pytest.approx(float(fields["ms"]), abs=0.051)
+    for (_, tflops), fields in zip(_scalars(events, "throughput"), lines):
+        assert tflops == pytest.approx(float(fields["tflops"]), abs=5.1e-4)  # Megatron's TFLOP/s/GPU
+        assert fields["megatron_tflops"] is not None
+    zeros = [v for s, v in _scalars(events, "num-zeros") if s in (2, 4, 6)]
+    assert zeros == [v for v in zeros if v == int(v) and v > 0]
+    assert [s for s, _ in _scalars(events, "num-zeros")] == [2, 4, 6]
+    assert lines[1]["num_zeros"] == f"{_scalars(events, 'num-zeros')[-1][1]}"  # iteration 6 in both
+
+    blocks = [b for b in parse_timer_blocks(out) if "forward-backward" in b]
+    assert len(blocks) == 2
+    for step, block in zip((3, 6), blocks):
+        for name, (_, high) in block.items():
+            value = dict(_scalars(events, f"{name}-time"))[step]
+            assert value * 1000 == pytest.approx(high, abs=0.0051), name
+    assert {
+        "forward-backward-time",
+        "optimizer-time",
+        "batch-generator-time",
+        "backward-compute-time",
+    } <= tags
+
+
+def test_num_zeros_counts_the_gradient_zeros(tmp_path):
+    built = []
+
+    def provider(cfg, pstate):
+        built.append(GPTModel(cfg, pstate))
+        return built[0]
+
+    flags = "--train-iters 1 --log-interval 1 --eval-iters 0 --log-num-zeros-in-grad --untie-embeddings-and-output-weights"
+    result = pretrain(parse_config(TINY + flags.split()), model_provider=provider)
+    # The last step's gradients are still there: count their zeros independently.
+    zeros = sum(int((p.grad == 0).sum()) for p in built[0].parameters() if p.grad is not None)
+    # Untied, the rows of the 64 - (tokens seen) unused input embeddings are zero, whole rows of h=16.
+    assert zeros > 0 and zeros % 16 == 0
+    assert MEGATRON_LINE.match(result.log_lines[0])["num_zeros"] == f"{float(zeros)}"
+    assert f"| num zeros: {float(zeros)} | number of skipped" in result.log_lines[0]

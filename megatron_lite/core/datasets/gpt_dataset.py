@@ -183,7 +183,12 @@ class GPTDataset(torch.utils.data.Dataset):
                 cfg.eod_mask_loss,
                 create_attention_mask=cfg.create_attention_mask,
             )
-            sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+            sample = {
+                "tokens": tokens,
+                "labels": labels,
+                "loss_mask": loss_mask,
+                "position_ids": position_ids,
+            }
         if attention_mask is not None:
             sample["attention_mask"] = attention_mask
         return sample

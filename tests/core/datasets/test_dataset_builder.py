@@ -194,3 +194,34 @@ def test_missing_data(tmp_path):
         )
     with pytest.raises(UserError, match="no training data"):
         build_train_valid_test_datasets(cfg(tmp_path), TOKENIZER, (10, 5, 5))
+
+
+def test_data_loader_flags_parse_and_reach_the_datasets(tmp_path):
+    from megatron_lite.arguments import parse_config
+
+    cfg_ = parse_config(["--no-mmap-bin-files", "--no-create-attention-mask-in-dataloader"])
+    assert (cfg_.mmap_bin_files, cfg_.create_attention_mask_in_dataloader) == (False, False)
+    defaults = parse_config([])
+    assert (defaults.mmap_bin_files, defaults.create_attention_mask_in_dataloader) == (True, True)
+
+    prefix = make(tmp_path / "a", 50)
+    results = {}
+    for mmap, mask in ((True, True), (False, False)):
+        c = cfg(tmp_path, data_path=[prefix], split="1,0,0", mmap_bin_files=mmap)
+        c.create_attention_mask_in_dataloader = mask
+        train, _, _ = build_train_valid_test_datasets(c, TOKENIZER, (10, 0, 0))
+        assert (train.dataset._bin is None) == (not mmap) and train.config.create_attention_mask == mask
+        results[mmap] = [train[i] for i in range(len(train))]
+    assert all("attention_mask" in s for s in results[True])
+    assert not any("attention_mask" in s for s in results[False])
+    for a, b in zip(results[True], results[False]):
+        assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_reset_attention_mask_needs_the_mask(tmp_path):
+    prefix = make(tmp_path / "a", 50)
+    c = cfg(
+        tmp_path, data_path=[prefix], reset_attention_mask=True, create_attention_mask_in_dataloader=False
+    )
+    with pytest.raises(UserError, match="--reset-attention-mask needs the attention mask that "):
+        build_train_valid_test_datasets(c, TOKENIZER, (10, 0, 0))

@@ -291,7 +291,9 @@ def test_mask_function_against_megatron_loop():
     assert torch.equal(attention[0], expected < 0.5)
     attention, loss, position = get_ltor_masks_and_position_ids(tokens, 0, False, False, False)
     assert attention is None and position.tolist() == list(range(10)) and loss.tolist() == [1.0] * 10
-    attention, _, _ = get_ltor_masks_and_position_ids(tokens, 0, False, False, False, create_attention_mask=True)
+    attention, _, _ = get_ltor_masks_and_position_ids(
+        tokens, 0, False, False, False, create_attention_mask=True
+    )
     assert torch.equal(attention[0], torch.tril(torch.ones(10, 10)) < 0.5)
 
 
@@ -306,14 +308,20 @@ def test_index_build_is_vectorised_and_fast(tmp_path):
 def test_causal_mask_in_the_batch_changes_no_loss(tmp_path):
     # The training loop hands batch["attention_mask"] to the model; the plain causal mask must give the
     # model's own causal attention, so a run with and without the mask computes the same losses.
+    from helpers import tiny_config
+
     from megatron_lite.core.models.gpt import GPTModel
     from megatron_lite.parallel_state import ParallelState
-    from tests.helpers import tiny_config
 
     ds, _ = make_dataset(tmp_path / "d", [40] * 20)
     on = GPTDataset(ds, str(tmp_path / "d"), np.arange(20), None, "train", config(tmp_path, seq=16))
     off = GPTDataset(
-        ds, str(tmp_path / "d"), np.arange(20), None, "train", config(tmp_path, seq=16, create_attention_mask=False)
+        ds,
+        str(tmp_path / "d"),
+        np.arange(20),
+        None,
+        "train",
+        config(tmp_path, seq=16, create_attention_mask=False),
     )
     batch_on = torch.utils.data.default_collate([on[i] for i in range(4)])
     batch_off = torch.utils.data.default_collate([off[i] for i in range(4)])
@@ -322,7 +330,12 @@ def test_causal_mask_in_the_batch_changes_no_loss(tmp_path):
     model = GPTModel(tiny_config(vocab_size=128, attention_dropout=0.0, hidden_dropout=0.0), ParallelState())
     model.eval()
     losses = [
-        model(b["tokens"], position_ids=b["position_ids"], attention_mask=b.get("attention_mask"), labels=b["labels"])
+        model(
+            b["tokens"],
+            position_ids=b["position_ids"],
+            attention_mask=b.get("attention_mask"),
+            labels=b["labels"],
+        )
         for b in (batch_on, batch_off)
     ]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)

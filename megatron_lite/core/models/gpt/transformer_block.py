@@ -21,7 +21,7 @@ class TransformerBlock(nn.Module):
     --recompute-granularity full keeps only each checkpointed chunk's input for backward and reruns
     the chunk there: method "uniform" checkpoints consecutive chunks of recompute_num_layers layers,
     "block" checkpoints each of the first recompute_num_layers layers and runs the rest normally.
-    (Selective recompute lives in the attention.)
+    (Selective recompute, --recompute-modules, lives in TransformerLayer and the attention.)
     """
 
     def __init__(self, cfg: MegatronConfig, tp_group: dist.ProcessGroup | None = None) -> None:

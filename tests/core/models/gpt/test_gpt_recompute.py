@@ -157,3 +157,21 @@ def test_without_replaying_the_tracker_the_attention_dropout_masks_differ(monkey
     broken = _run("gpt2", recompute_activations=True)[1]
     name = "decoder.layers.0.self_attention.linear_qkv.weight"
     assert (broken[name] - reference[name]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_selective_recompute_under_bf16_autocast_gives_identical_loss_and_gradients(style):
+    """Recomputation runs in backward, outside the forward's autocast region; the results must not change."""
+    results = []
+    for extra in ({}, dict(SELECTIVE, recompute_modules=["core_attn", "mlp", "layernorm"])):
+        cfg = make_config(**(LLAMA_SWITCHES if style == "llama" else {}), **extra)
+        model = GPTModel(cfg)
+        tokens, labels = batch(cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(tokens, labels=labels).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (recomputed_loss, recomputed_grads) = results
+    assert torch.equal(loss, recomputed_loss)
+    for name, grad in grads.items():
+        assert torch.equal(recomputed_grads[name], grad), name

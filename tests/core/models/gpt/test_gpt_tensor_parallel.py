@@ -3,7 +3,7 @@
 import pytest
 import torch
 from dist_utils import run_distributed
-from gpt_helpers import LLAMA_STYLE, batch, full_state, make_config, saved_bytes_for_backward
+from gpt_helpers import LLAMA_STYLE, SWITCH_STYLES, batch, full_state, make_config, saved_bytes_for_backward
 
 from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.core.tensor_parallel import Dropout, gather_from_tensor_model_parallel_region
@@ -23,6 +23,15 @@ CASES = {
         recompute_num_layers=1,
     ),
     "gpt2-selective-recompute-padded-128": dict(recompute_activations=True, make_vocab_size_divisible_by=128),
+    # Per-head q/k norms see only this rank's heads: their replicated weights need the TP gradient sum.
+    "llama-switches": SWITCH_STYLES["llama-switches"],
+    "gpt2-switches-sequence-parallel": dict(SWITCH_STYLES["gpt2-switches"], sequence_parallel=True),
+    "llama-switches-sp-selective-all-modules": dict(
+        SWITCH_STYLES["llama-switches"],
+        sequence_parallel=True,
+        recompute_granularity="selective",
+        recompute_modules=["core_attn", "mlp", "layernorm"],
+    ),
 }
 VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 

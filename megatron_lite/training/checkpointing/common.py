@@ -1,0 +1,99 @@
+"""Rank 0's files of a checkpoint: common.pt (progress, schedule, the saved config, layouts) and metadata.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_lite.config import MegatronConfig
+from megatron_lite.errors import fail
+from megatron_lite.parallel_state import ParallelState
+from megatron_lite.training.checkpointing.names import (
+    COMMON_FILENAME,
+    DCP_METADATA_FILENAME,
+    METADATA_FILENAME,
+    resolve_checkpoint,
+)
+from megatron_lite.training.checkpointing.publish import save_synced
+from megatron_lite.training.checkpointing.verify import file_checksum, write_manifest
+
+CHECKPOINT_VERSION = 3.0
+# What Megatron writes into a torch_dist checkpoint's metadata.json.
+BACKEND_METADATA = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+
+
+def build_common(
+    iteration: int,
+    consumed_train_samples: int,
+    cfg: MegatronConfig,
+    scheduler: Any,
+    optimizer_groups: list[dict[str, Any]] | None,
+    pstate: ParallelState,
+    layouts: dict[str, dict[str, Any]],
+    extra_state: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The contents of common.pt, copied: an async save writes it after training has moved on."""
+    return copy.deepcopy(
+        {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "consumed_train_samples": int(consumed_train_samples),
+            "args": cfg.to_dict(),
+            "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "optimizer": optimizer_groups,
+            "rng_saved": not cfg.no_save_rng,
+            "layout": {
+                "world_size": pstate.world_size,
+                "tensor_model_parallel_size": pstate.tp_size,
+                "data_parallel_size": pstate.dp_size,
+            },
+            "tensors": layouts,
+            "extra_state": dict(extra_state or {}),
+        }
+    )
+
+
+def write_common_files(tmp: Path, common: dict[str, Any], checksums: dict[str, dict[str, int]]) -> None:
+    """Rank 0's files, the checksum manifest last: a directory with a manifest has all its files."""
+    save_synced(common, tmp / COMMON_FILENAME)
+    with open(tmp / METADATA_FILENAME, "w") as handle:
+        json.dump(BACKEND_METADATA, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    checksums = dict(checksums)
+    for name in (DCP_METADATA_FILENAME, COMMON_FILENAME, METADATA_FILENAME):
+        checksums[name] = file_checksum(tmp / name)
+    write_manifest(tmp, checksums)
+
+
+def read_common(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / COMMON_FILENAME
+    if not path.exists():
+        if (ckpt / "mp_rank_00").exists():
+            fail(f"{ckpt} is a legacy --ckpt-format torch checkpoint; megatron-lite reads torch_dist only")
+        fail(f"{ckpt} is not a megatron-lite checkpoint: {COMMON_FILENAME} is missing")
+    try:
+        common = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        fail(f"cannot read {path} ({type(err).__name__}); it was not written by megatron-lite or is damaged")
+    if common.get("checkpoint_version") != CHECKPOINT_VERSION or "tensors" not in common:
+        fail(
+            f"{path} has checkpoint_version {common.get('checkpoint_version')}, expected {CHECKPOINT_VERSION}"
+        )
+    return common
+
+
+def load_saved_config(ckpt_dir: str | os.PathLike, iteration: int | None = None) -> MegatronConfig:
+    """The config a checkpoint was saved with (latest one unless `iteration` is given)."""
+    ckpt = resolve_checkpoint(Path(ckpt_dir), iteration)
+    return MegatronConfig.from_dict(read_common(ckpt)["args"])
