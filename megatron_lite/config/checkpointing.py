@@ -1,15 +1,16 @@
-"""Checkpoint settings: where to save and load, what to keep."""
+"""Checkpoint settings: where to save and load, what to keep, how saves are written."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from megatron_lite.config.fields import _f
+from megatron_lite.config.fields import _f, fail, flag_name
 
 
 @dataclass
 class CheckpointArgs:
-    """Checkpoint settings: where to save and load, what to keep."""
+    """Checkpoint settings: where to save and load, what to keep, how saves are written."""
 
     save: str | None = _f(None, "Directory to save checkpoints to.", group="checkpointing")
     save_interval: int | None = _f(None, "Iterations between checkpoints.", group="checkpointing")
@@ -22,3 +23,24 @@ class CheckpointArgs:
     ckpt_format: str = _f("torch_dist", "Checkpoint format.", choices=["torch_dist"], group="checkpointing")
     exit_on_missing_checkpoint: bool = _f(False, "Exit if --load has no checkpoint.", group="checkpointing")
     save_keep_last: int | None = _f(None, "Keep only the newest K checkpoints.", group="checkpointing")
+    async_save: bool = _f(
+        False,
+        "Write checkpoints in a background thread while training goes on (torch.distributed.checkpoint."
+        "async_save); each is published once every rank has written it. torch_dist format only.",
+        group="checkpointing",
+    )
+    ckpt_assume_constant_structure: bool = _f(
+        False,
+        "The state's structure is the same at every save of this run: reuse the previous save's DCP plan.",
+        group="checkpointing",
+    )
+
+
+def check_checkpointing(cfg: Any) -> None:
+    """What Megatron refuses about how checkpoints are written, as one line each."""
+    if cfg.async_save and cfg.ckpt_format != "torch_dist":
+        # Megatron: "Async checkpoint save not implemented for {format} distributed checkpoint format".
+        fail(
+            f"{flag_name('async_save')} works with {flag_name('ckpt_format')} torch_dist only, "
+            f"not {cfg.ckpt_format}"
+        )

@@ -118,6 +118,11 @@ def _pretrain(
             exit_signal.install()
             return trainer.run(exit_signal, start_time)
     finally:
+        if cfg.async_save:
+            from megatron_lite.training.checkpointing import abandon_async_save
+
+            # After a failure: a background write never published is left for the next save to remove.
+            abandon_async_save(wait=False)
         exit_signal.restore()
         logger.close()
 
@@ -274,9 +279,27 @@ class Trainer:
         )
         self.last_saved_iteration = self.iteration
         self.logger.timers("save-checkpoint").stop(barrier=False)
-        self.logger.print(f"  saved checkpoint at iteration {self.iteration:7d} to {self.cfg.save}")
+        if self.cfg.async_save:
+            self.logger.print(
+                f"  scheduled an async checkpoint save at iteration {self.iteration:7d} to {self.cfg.save}"
+            )
+        else:
+            self.logger.print(f"  saved checkpoint at iteration {self.iteration:7d} to {self.cfg.save}")
         self.logger.log_timers(["save-checkpoint"])
         self.logger.resume()
+
+    def finalize_async_save(self, *, blocking: bool) -> None:
+        """Publish a checkpoint that --async-save wrote in the background, once every rank has written it
+        (collective; blocking: wait for the writes)."""
+        if not self.cfg.async_save:
+            return
+        from megatron_lite.training.checkpointing import finalize_async_save
+
+        published = finalize_async_save(self.pstate, blocking=blocking)
+        if published is not None:
+            self.logger.print(
+                f"  successfully saved checkpoint from iteration {published:7d} to {self.cfg.save}"
+            )
 
     # ---- data ------------------------------------------------------------------------------------
     def build_data(self, tokenizer: Tokenizer | None) -> None:
@@ -457,6 +480,7 @@ class Trainer:
                 return self._finish()
             if self.iteration > 0:
                 self.save()
+            self.finalize_async_save(blocking=True)  # the last checkpoint is published before evaluation
         where = f"iteration {self.iteration}"
         loss = self._evaluate_and_report(self.valid_iter, f"{where} on validation set", "validation")
         if loss is not None:
@@ -476,6 +500,7 @@ class Trainer:
         manual_gc_start(cfg)
         self.logger.start()
         while self.iteration < cfg.train_iters:
+            self.finalize_async_save(blocking=False)
             if profiler is not None:
                 profiler.step(self.iteration)
             # Megatron sets the step's micro batches from the samples consumed so far (batch ramp-up).
@@ -527,6 +552,7 @@ class Trainer:
         return None
 
     def _finish(self) -> TrainResult:
+        self.finalize_async_save(blocking=True)  # before exit (exit interval, duration, signal)
         result = self.result
         result.iteration = self.iteration
         result.consumed_train_samples = self.consumed_train_samples
@@ -566,6 +592,7 @@ class Trainer:
         return None
 
     def _stop_non_finite(self, count: int) -> None:
+        self.finalize_async_save(blocking=True)  # the last good checkpoint must be published to be named
         where = (
             f"; the last good checkpoint is iteration {self.last_saved_iteration} in {self.cfg.save}"
             if self.cfg.save and self.last_saved_iteration is not None

@@ -22,8 +22,8 @@ from test_checkpointing_support import (
 
 from megatron_lite.errors import UserError
 from megatron_lite.parallel_state import ParallelState
-from megatron_lite.training import checkpointing
 from megatron_lite.training.checkpointing import (
+    commit,
     load_checkpoint,
     load_model_weights,
     load_saved_config,
@@ -246,7 +246,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch, cras
         (tmp / "common.pt").write_bytes(b"\x80\x02half a pickle")
         raise crash("simulated crash")
 
-    monkeypatch.setattr(checkpointing, "_write_common_files", crash_after_partial_write)
+    monkeypatch.setattr(commit, "write_common_files", crash_after_partial_write)
     with pytest.raises(crash, match="simulated crash"):
         save(tmp_path, 3, cfg, model, optimizer, scheduler)
     monkeypatch.undo()

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from megatron_lite.config import MegatronConfig
@@ -32,6 +31,7 @@ from megatron_lite.training.checkpointing.commit import (
     commit_save,
     rank_file_checksums,
 )
+from megatron_lite.training.checkpointing.state_dict import save_planner
 
 
 @dataclass
@@ -57,18 +57,6 @@ class _AlreadyStaged(AsyncStager):
 
     def close(self) -> None:
         pass
-
-
-def save_planner(cfg: MegatronConfig, pstate: ParallelState) -> DefaultSavePlanner:
-    """DCP's planner; with --ckpt-assume-constant-structure it reuses the previous save's plan (DCP's
-    plan caching) when no rank's local plan changed, as Megatron caches its save structure."""
-    if not cfg.ckpt_assume_constant_structure:
-        return DefaultSavePlanner()
-    planner = DefaultSavePlanner(enable_plan_caching=True)
-    # DCP keys its class-level cache by planner class; one key per world shape keeps plans of another
-    # layout in the same process (tests) from being merged with these.
-    planner._cached_plans_key = f"megatron_lite:{pstate.world_size}x{pstate.tp_size}"
-    return planner
 
 
 def start_async_save(
@@ -140,11 +128,12 @@ def finalize_async_save(pstate: ParallelState | None = None, *, blocking: bool =
     return save.iteration
 
 
-def abandon_async_save() -> None:
-    """Forget a pending save after a failure: wait for this rank's writer, then drop its directory."""
+def abandon_async_save(*, wait: bool = True) -> None:
+    """Forget a pending save after a failure. wait: let this rank's writer end, then remove its
+    directory; otherwise the directory is left to the next save's clean-up (the run is stopping)."""
     global _pending
     pending, _pending = _pending, None
-    if pending is not None:
+    if pending is not None and wait:
         pending.written.exception()  # waits; the error was or will be reported by the failed step
         abandon(pending.save)
 

@@ -38,7 +38,9 @@ class SaveInProgress:
         return SaveStep(self.pstate, self.save_dir, self.iteration)
 
 
-def rank_file_checksums(tmp: Path, pstate: ParallelState, rng_state: dict[str, Any] | None) -> dict[str, dict[str, int]]:
+def rank_file_checksums(
+    tmp: Path, pstate: ParallelState, rng_state: dict[str, Any] | None
+) -> dict[str, dict[str, int]]:
     """Write this rank's RNG file next to its DCP shards; the checksums of both (read while still cached)."""
     mine = sorted(tmp.glob(f"__{pstate.rank}_*.distcp"))
     if rng_state is not None:
@@ -55,7 +57,9 @@ def commit_save(save: SaveInProgress, rank_sums: dict[str, dict[str, int]]) -> N
     for part in all_gather_objects(save.pstate, rank_sums):
         all_sums.update(part)
     step.run(lambda: write_common_files(save.tmp, save.common, all_sums), rank0_only=True)
-    step.run(lambda: publish(save.save_dir, save.tmp, save.final, save.iteration, save.nonce), rank0_only=True)
+    step.run(
+        lambda: publish(save.save_dir, save.tmp, save.final, save.iteration, save.nonce), rank0_only=True
+    )
     if save.pstate.rank == 0 and save.keep_last:
         delete_old_checkpoints(save.save_dir, save.iteration, save.keep_last)
 

@@ -92,7 +92,9 @@ def layout_of(
     return Layout("sharded", tuple(full), tuple(stored), dtype, dim, stride)
 
 
-def local_part(tensor: torch.Tensor, layout: Layout, pstate: ParallelState) -> tuple[torch.Tensor, int | None]:
+def local_part(
+    tensor: torch.Tensor, layout: Layout, pstate: ParallelState
+) -> tuple[torch.Tensor, int | None]:
     """A view of `tensor` shaped as its piece of the stored tensor, and the stored dim it is sharded on."""
     if layout.kind == "replicated":
         return tensor, None

@@ -17,7 +17,11 @@ from megatron_lite.training.checkpointing import keys
 from megatron_lite.training.checkpointing.collectives import os_error_text, quiet_single_process
 from megatron_lite.training.checkpointing.common import read_common
 from megatron_lite.training.checkpointing.layout import Layout, logical_full
-from megatron_lite.training.checkpointing.names import TRACKER_FILENAME, read_latest_iteration, resolve_checkpoint
+from megatron_lite.training.checkpointing.names import (
+    TRACKER_FILENAME,
+    read_latest_iteration,
+    resolve_checkpoint,
+)
 from megatron_lite.training.checkpointing.rng import restore_rng
 from megatron_lite.training.checkpointing.state_dict import (
     install_optimizer_state,

@@ -13,12 +13,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from megatron_lite.config import MegatronConfig
+from megatron_lite.config.checkpointing import check_checkpointing
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training.checkpointing.async_save import (
     abandon_async_save,
     async_write_in_progress,
     finalize_async_save,
-    save_planner,
     start_async_save,
 )
 from megatron_lite.training.checkpointing.collectives import (
@@ -35,7 +35,7 @@ from megatron_lite.training.checkpointing.commit import (
 from megatron_lite.training.checkpointing.common import build_common
 from megatron_lite.training.checkpointing.publish import prepare_directory
 from megatron_lite.training.checkpointing.rng import capture_rng
-from megatron_lite.training.checkpointing.state_dict import model_shards, optimizer_shards
+from megatron_lite.training.checkpointing.state_dict import model_shards, optimizer_shards, save_planner
 from megatron_lite.training.optimizer import unwrap_model
 
 
@@ -64,6 +64,7 @@ def save_checkpoint(
     the next save and at exit) publishes it. A save still pending is published before a new one starts.
     """
     pstate = pstate or ParallelState()
+    check_checkpointing(cfg)  # as Megatron, which refuses an async save of another format when saving
     if pstate.rank == 0 and async_write_in_progress():
         print(
             "WARNING: Starting a checkpoint save before previous has finished. "

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from megatron_lite.config import MegatronConfig
@@ -161,3 +162,15 @@ def install_optimizer_state(
     if len(saved_groups) == len(optimizer.param_groups):
         for group, saved in zip(optimizer.param_groups, saved_groups):
             group["lr"] = saved["lr"]
+
+
+def save_planner(cfg: MegatronConfig, pstate: ParallelState) -> DefaultSavePlanner:
+    """DCP's planner; with --ckpt-assume-constant-structure it reuses the previous save's plan (DCP's
+    plan caching) when no rank's local plan changed, as Megatron caches its save structure."""
+    if not cfg.ckpt_assume_constant_structure:
+        return DefaultSavePlanner()
+    planner = DefaultSavePlanner(enable_plan_caching=True)
+    # DCP keys its class-level cache by planner class; one key per world shape keeps plans of another
+    # layout in the same process (tests) from being merged with these.
+    planner._cached_plans_key = f"megatron_lite:{pstate.world_size}x{pstate.tp_size}"
+    return planner
