@@ -81,7 +81,6 @@ _BY_DEST: dict[str, Policy] = {
     "ckpt_fully_parallel_save": _OWN_SHARDS,
     "ckpt_fully_parallel_save_deprecated": _OWN_SHARDS,
     "ckpt_fully_parallel_load": _OWN_SHARDS,
-    "ckpt_assume_constant_structure": _OWN_SHARDS,
     "dist_ckpt_strictness": _switch("loading is always strict: a missing or unexpected tensor is an error"),
     "use_dist_ckpt_deprecated": _switch("torch_dist is the only checkpoint format here"),
     "auto_detect_ckpt_format": _switch("the format is detected from the checkpoint directory always"),
@@ -115,6 +114,11 @@ _BY_DEST: dict[str, Policy] = {
     "manual_gc_eval": _switch("garbage is collected around evaluation as around training with --manual-gc"),
     "data_parallel_random_init": _refused("--data-parallel-random-init is not implemented"),
     "rope_type": _refused("YaRN RoPE scaling is not implemented", "rope"),
+    "use_persistent_ckpt_worker": _switch(
+        "the --async-save writer is a thread of each rank (torch.distributed.checkpoint.async_save); there is no "
+        "worker process to keep"
+    ),
+    "async_strategy": _switch("nvrx and mcore both mean torch.distributed.checkpoint.async_save here"),
     "grad_reduce_in_bf16": _switch(
         "gradients are all-reduced in fp32, not bf16: more exact, and twice the bytes on the wire"
     ),

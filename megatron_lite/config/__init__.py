@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_lite.config.checkpointing import CheckpointArgs
+from megatron_lite.config.checkpointing import CheckpointArgs, check_checkpointing
 from megatron_lite.config.data import DataArgs
 from megatron_lite.config.fields import _f
 from megatron_lite.config.logging import LoggingArgs, check_run
@@ -88,6 +88,7 @@ class MegatronConfig(
         derive_training(self)
         check_run(self)
         check_profiling(self)
+        check_checkpointing(self)
         return self
 
 

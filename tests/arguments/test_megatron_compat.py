@@ -21,6 +21,8 @@ DEVIATIONS = {
     "distributed_timeout_minutes": "float: a superset of Megatron's int (tests use fractions of a minute)",
     "exit_duration_in_mins": "float: a superset of Megatron's int",
     "eval_interval": "core_v0.15.0's default 1000 (main's None turns periodic evaluation off)",
+    "window_size": "a str parsed once in validation ('L,R', '(L,R)'); Megatron's type is its tuple_type function",
+    "exit_signal": "the signal's name as a str (same choices); Megatron converts it to a signal.Signals",
     "no_save_optim": "False, not None: the same for a store_true flag",
     "no_save_rng": "False, not None: the same for a store_true flag",
     "no_load_optim": "False, not None: the same for a store_true flag",
