@@ -104,7 +104,10 @@ def functional_argv(name: str, paths: dict[str, str]) -> list[str]:
         if isinstance(value, list):
             argv += [key, *(_substitute(str(v), env) for v in value)]
         else:
-            argv += [key, _substitute(str(value), env)]  # one argument, spaces and all, as the runner quotes it
+            argv += [
+                key,
+                _substitute(str(value), env),
+            ]  # one argument, spaces and all, as the runner quotes it
     return argv
 
 

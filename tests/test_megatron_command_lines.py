@@ -175,8 +175,12 @@ def test_megatron_command_line(name, tmp_path, tokenizers):
     expected = EXPECTED[name]
     if expected == TRAINS:
         assert proc.returncode == 0, proc.stderr[-3000:]
-        losses = [float(part.split(":")[1]) for line in proc.stdout.splitlines() for part in line.split("|")
-                  if part.strip().startswith("lm loss:")]
+        losses = [
+            float(part.split(":")[1])
+            for line in proc.stdout.splitlines()
+            for part in line.split("|")
+            if part.strip().startswith("lm loss:")
+        ]
         assert len(losses) >= 3 and all(math.isfinite(x) for x in losses), proc.stdout[-3000:]
     else:
         assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]

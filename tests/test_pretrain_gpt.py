@@ -67,7 +67,8 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     ckpt = tmp_path / "ckpt"
     args = (
         TINY
-        + f"--train-iters 100000 --log-interval 1 --eval-iters 0 --save {ckpt} --save-interval 100000".split()
+        + f"--train-iters 100000 --log-interval 1 --eval-iters 0 --save {ckpt} --save-interval 100000 "
+        "--exit-signal-handler".split()
     )
     proc = start_python([PRETRAIN_GPT, *args], tmp_path)
     out = []

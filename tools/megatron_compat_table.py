@@ -1,7 +1,7 @@
 """Write docs/megatron-compatibility.md from the parser: every Megatron-LM flag and what it does here.
 
-    python tools/megatron_compat_table.py            # rewrite the page
-    python tools/megatron_compat_table.py --check    # exit 1 if the page is out of date (a test runs this)
+python tools/megatron_compat_table.py            # rewrite the page
+python tools/megatron_compat_table.py --check    # exit 1 if the page is out of date (a test runs this)
 """
 
 from __future__ import annotations

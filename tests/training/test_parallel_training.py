@@ -59,7 +59,7 @@ def _layouts_worker(rank: int, world_size: int, layouts: dict) -> dict:
     results = {name: _train(extra, tp) for name, (extra, tp) in layouts.items()}
     if world_size == 2:
         # Only rank 1 receives the signal; both ranks must still stop after the same iteration.
-        results[SIGTERM_RUN] = _train("", 1, _SigtermAtIteration3 if rank == 1 else None)
+        results[SIGTERM_RUN] = _train("--exit-signal-handler", 1, _SigtermAtIteration3 if rank == 1 else None)
     return results
 
 

@@ -107,8 +107,8 @@ def test_deterministic_mode_refuses_a_nondeterministic_environment(monkeypatch):
     with pytest.raises(UserError) as caught:
         run("--train-iters 1 --deterministic-mode")
     assert str(caught.value) == (
-        "--deterministic-mode: NCCL_ALGO=Tree is not a reproducible all-reduce; use one of ^NVLS, "
-        "CollnetChain, CollnetDirect, Ring or unset it"
+        "--deterministic-mode: NCCL_ALGO=Tree is not a reproducible all-reduce; use one of CollnetChain, "
+        "CollnetDirect, Ring, ^NVLS or unset it"
     )
     monkeypatch.setenv("NCCL_ALGO", "Ring")
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from megatron_lite.arguments.megatron_flags import flags_by_dest
@@ -94,19 +95,19 @@ def preprocess_main(argv: Sequence[str] | None = None) -> int:
     args = build_preprocess_parser().parse_args(argv)
     if args.partitions != 1:
         fail(f"--partitions {args.partitions} is not supported: use --workers for parallelism (same output)")
-    _sigterm_as_interrupt()
-    stats = preprocess(
-        input_pattern=args.input,
-        output_prefix=args.output_prefix,
-        json_keys=args.json_keys,
-        tokenizer_type=args.tokenizer_type,
-        vocab_file=args.vocab_file,
-        merge_file=args.merge_file,
-        append_eod=args.append_eod,
-        workers=args.workers,
-        log_interval=args.log_interval,
-        tokenizer_options={dest: getattr(args, dest) for dest in TOKENIZER_FLAG_DESTS},
-    )
+    with _sigterm_as_interrupt():
+        stats = preprocess(
+            input_pattern=args.input,
+            output_prefix=args.output_prefix,
+            json_keys=args.json_keys,
+            tokenizer_type=args.tokenizer_type,
+            vocab_file=args.vocab_file,
+            merge_file=args.merge_file,
+            append_eod=args.append_eod,
+            workers=args.workers,
+            log_interval=args.log_interval,
+            tokenizer_options={dest: getattr(args, dest) for dest in TOKENIZER_FLAG_DESTS},
+        )
     for key, out in stats.outputs.items():
         print(
             f"Wrote {out.prefix}.bin/.idx: {out.documents} documents, {out.tokens} tokens ({out.dtype}); "
@@ -132,18 +133,28 @@ def build_merge_parser() -> argparse.ArgumentParser:
 def merge_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of tools/merge_datasets.py."""
     args = build_merge_parser().parse_args(argv)
-    _sigterm_as_interrupt()
     prefixes = find_dataset_prefixes(args.input, exclude=args.output_prefix) if args.input else args.inputs
-    out = merge_datasets(prefixes, args.output_prefix)
+    with _sigterm_as_interrupt():
+        out = merge_datasets(prefixes, args.output_prefix)
     print(
         f"Wrote {out.prefix}.bin/.idx: {out.documents} documents, {out.tokens} tokens ({out.dtype}) from {len(prefixes)} datasets."
     )
     return 0
 
 
-def _sigterm_as_interrupt() -> None:
-    # A job scheduler stops us with SIGTERM; treat it like Ctrl-C so temporary files get removed.
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A job scheduler stops us with SIGTERM; treat it like Ctrl-C so temporary files get removed.
+
+    Scoped: the previous handler comes back on return, so calling the entry point in-process (tests, notebooks)
+    does not leave the caller's SIGTERM turned into KeyboardInterrupt.
+    """
+
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
