@@ -23,5 +23,6 @@ setup(
         "dev": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.1.99"],
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
         "sentencepiece": ["sentencepiece>=0.1.99"],
+        "wandb": ["wandb>=0.16"],
     },
 )

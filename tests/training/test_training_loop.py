@@ -166,7 +166,8 @@ def test_sigterm_finishes_the_iteration_and_exits_cleanly():
     before = signal.getsignal(signal.SIGTERM)
     provider, _ = instrumented(sigterm_at=2)
     result = pretrain(
-        config("--micro-batch-size 2 --global-batch-size 4 --train-iters 6"), model_provider=provider
+        config("--micro-batch-size 2 --global-batch-size 4 --train-iters 6 --exit-signal-handler"),
+        model_provider=provider,
     )
     assert (result.iteration, result.exit_reason, len(result.losses)) == (2, "signal", 2)
     assert math.isfinite(result.losses[1][1])
@@ -256,7 +257,7 @@ def test_sigterm_saves_a_checkpoint_when_asked(tmp_path):
     provider, _ = instrumented(sigterm_at=2)
     ckpt = str(tmp_path / "ckpt")
     result = pretrain(
-        config(f"--micro-batch-size 2 --train-iters 6 --save {ckpt} --save-interval 5"),
+        config(f"--micro-batch-size 2 --train-iters 6 --save {ckpt} --save-interval 5 --exit-signal-handler"),
         model_provider=provider,
     )
     assert (result.iteration, result.exit_reason) == (2, "signal")
