@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from convert_helpers import export_perturbed, hf_model, our_logits
 from dist_utils import run_distributed
 from helpers import ONE_LAYER, PRETRAIN_GPT, ROOT, run_python, tiny_flags
 from training.megatron_log import parse_lines
@@ -86,16 +87,6 @@ def _shakespeare_ids(tokenizer, limit: int) -> list[int]:
     return tokenizer.encode(line)[:limit]
 
 
-def _hf_model(path: Path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    return model.eval()
-
-
-def _our_logits(model: GPTModel, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids]))[0, :, : model.vocab_size]
-
-
 # ---- trained at TP=2, exported, compared with HF ---------------------------------------------------------
 
 
@@ -103,11 +94,11 @@ def _our_logits(model: GPTModel, ids: list[int]) -> torch.Tensor:
 def test_export_gives_hf_the_same_logits(trained, exported, name):
     model, cfg, tokenizer = load_model_for_inference(str(trained / name))
     ids = _shakespeare_ids(tokenizer, 32)
-    hf = _hf_model(exported / name)
+    hf = hf_model(exported / name)
     assert type(hf).__name__ == ARCHITECTURES[name]
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0]
-    ours = _our_logits(model, ids)
+    ours = our_logits(model, ids)
     assert theirs.shape == ours.shape == (len(ids), cfg.vocab_size)  # padding rows are not exported
     diff = (theirs - ours).abs().max().item()
     print(f"{name}: max |logit diff| HF vs megatron-lite = {diff:.3e} over {len(ids)} tokens")
@@ -150,7 +141,7 @@ def test_greedy_generation_matches_hf(trained, exported, name):
     model, _, tokenizer = load_model_for_inference(str(trained / name))
     prompt = _shakespeare_ids(tokenizer, 12)
     ours = generate(model, prompt, 16, greedy=True, eod=tokenizer.eod)
-    hf = _hf_model(exported / name)
+    hf = hf_model(exported / name)
     with torch.no_grad():
         out = hf.generate(
             torch.tensor([prompt]),
@@ -173,7 +164,7 @@ def test_import_of_export_reproduces_our_logits_bitwise(trained, exported, tmp_p
     original, cfg, tokenizer = load_model_for_inference(str(trained / name))
     back, back_cfg, _ = load_model_for_inference(str(tmp_path / "back"))
     ids = _shakespeare_ids(tokenizer, 32)
-    assert torch.equal(_our_logits(back, ids), _our_logits(original, ids))
+    assert torch.equal(our_logits(back, ids), our_logits(original, ids))
     # The same model settings come back (Llama has no hidden dropout, so that one reads 0 there).
     expected = model_settings(cfg) | ({"hidden_dropout": 0.0} if name == "llama" else {})
     assert model_settings(back_cfg) == expected == model_settings(result.config)
@@ -213,7 +204,7 @@ def _rope_kwargs(params: dict) -> dict:
     }
 
 
-def _random_hf_model(kind: str):
+def _randomhf_model(kind: str):
     """A randomly initialised HF model (no download), its weights spread so its loss is far from ln(V)."""
     torch.manual_seed(3)
     if kind == "gpt2":
@@ -262,7 +253,7 @@ IMPORTED_FLAGS = {
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_random_hf_model_imports_and_finetunes_from_its_weights(tmp_path, kind, capsys):
-    hf = _random_hf_model(kind)
+    hf = _randomhf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
     if kind == "llama":  # the pickle path: pytorch_model.bin, read with weights_only=True
         (tmp_path / "hf" / "model.safetensors").unlink()
@@ -509,7 +500,7 @@ def test_sharded_checkpoint_imports_with_hf_logits(tmp_path):
     ids = list(range(3, 40, 3))
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0]
-    assert (theirs - _our_logits(model, ids)).abs().max().item() < LOGIT_ATOL
+    assert (theirs - our_logits(model, ids)).abs().max().item() < LOGIT_ATOL
 
 
 # ---- exact parity for layouts the trained models do not cover ---------------------------------------------
@@ -529,25 +520,13 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_layout_variants_round_trip_exactly(tmp_path, variant):
-    flags = tiny_flags(micro_batch_size=1, vocab_size=70, train_iters=1) + VARIANTS[variant].split()
-    cfg = parse_config(flags).finalize(1)
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():  # every weight, bias and norm away from its init, so a misplaced one shows
-        for param in model.parameters():
-            param.add_(0.2 * torch.randn_like(param))
-    save_checkpoint(tmp_path / "ckpt", 4, model, None, None, cfg, None, consumed_train_samples=0)
-    export_to_hf(tmp_path / "ckpt", tmp_path / "hf")
-    ids = torch.randint(0, 70, (1, 16), generator=torch.Generator().manual_seed(5)).tolist()[0]
-    with torch.no_grad():
-        theirs = _hf_model(tmp_path / "hf")(torch.tensor([ids])).logits[0]
-    ours = _our_logits(model, ids)
-    diff = (theirs - ours).abs().max().item()
+    model, ids, ours, diff = export_perturbed(tmp_path, VARIANTS[variant])
     print(f"{variant}: max |logit diff| HF vs megatron-lite = {diff:.3e}")
     assert diff < LOGIT_ATOL
     result = import_from_hf(tmp_path / "hf", tmp_path / "back")
     back = GPTModel(result.config).eval()
     load_model_weights(back, tmp_path / "back")
-    assert torch.equal(_our_logits(back, ids), ours)
+    assert torch.equal(our_logits(back, ids), ours)
 
 
 # ---- transformers stays optional --------------------------------------------------------------------------

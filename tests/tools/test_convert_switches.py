@@ -7,27 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_flags
+from convert_helpers import export_perturbed, our_logits
 
-from megatron_lite.arguments import parse_config
-from megatron_lite.convert import export_to_hf, import_from_hf
+from megatron_lite.convert import import_from_hf
 from megatron_lite.convert.common import config_accepts
 from megatron_lite.convert.hf_import import ARGS_FILENAME
 from megatron_lite.core.models.gpt import GPTModel
-from megatron_lite.training.checkpointing import load_model_weights, save_checkpoint
+from megatron_lite.training.checkpointing import load_model_weights
 
 transformers = pytest.importorskip("transformers", reason="HuggingFace interop needs the hf extra")
 
 LLAMA_FLAGS = "--normalization RMSNorm --position-embedding-type rope --swiglu"
-
-
-def _hf_model(path: Path):
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
-
-
-def _our_logits(model: GPTModel, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids]))[0, :, : model.vocab_size]
 
 
 def _rope_kwargs(params: dict) -> dict:
@@ -103,19 +93,7 @@ def _exported_config_says(path: Path, expected: dict) -> None:
 @pytest.mark.parametrize("variant", list(SWITCH_VARIANTS))
 def test_switch_exports_give_hf_our_logits_and_import_back(tmp_path, variant):
     extra, expected_config = SWITCH_VARIANTS[variant]
-    flags = tiny_flags(micro_batch_size=1, vocab_size=70, train_iters=1) + extra.split()
-    cfg = parse_config(flags).finalize(1)
-    model = GPTModel(cfg).eval()
-    with torch.no_grad():  # every weight, bias and norm away from its init, so a misplaced one shows
-        for param in model.parameters():
-            param.add_(0.2 * torch.randn_like(param))
-    save_checkpoint(tmp_path / "ckpt", 4, model, None, None, cfg, None, consumed_train_samples=0)
-    export_to_hf(tmp_path / "ckpt", tmp_path / "hf")
-    ids = torch.randint(0, 70, (1, 16), generator=torch.Generator().manual_seed(5)).tolist()[0]
-    with torch.no_grad():
-        theirs = _hf_model(tmp_path / "hf")(torch.tensor([ids])).logits[0]
-    ours = _our_logits(model, ids)
-    diff = (theirs - ours).abs().max().item()
+    model, ids, ours, diff = export_perturbed(tmp_path, extra)
     print(f"{variant}: max |logit diff| HF vs megatron-lite = {diff:.3e}")
     assert diff < SWITCH_LOGIT_ATOL
     assert ours.std().item() > 0.5  # logits spread well beyond the bound
@@ -124,15 +102,15 @@ def test_switch_exports_give_hf_our_logits_and_import_back(tmp_path, variant):
     back = GPTModel(result.config).eval()
     load_model_weights(back, tmp_path / "back")
     if variant in REORDERED:
-        torch.testing.assert_close(_our_logits(back, ids), ours, atol=SWITCH_LOGIT_ATOL, rtol=0)
+        torch.testing.assert_close(our_logits(back, ids), ours, atol=SWITCH_LOGIT_ATOL, rtol=0)
     else:
-        assert torch.equal(_our_logits(back, ids), ours)
+        assert torch.equal(our_logits(back, ids), ours)
 
 
 # ---- random HF models with the features -> megatron-lite ----------------------------------------------
 
 
-def _random_switch_hf_model(kind: str):
+def _random_switchhf_model(kind: str):
     """A random HF model using one of the features Megatron's switches map to, its weights spread."""
     torch.manual_seed(4)
     llama_like = dict(
@@ -193,7 +171,7 @@ SWITCH_IMPORTS = {
 
 @pytest.mark.parametrize("kind", list(SWITCH_IMPORTS))
 def test_hf_models_with_switch_features_import_with_their_logits(tmp_path, kind):
-    hf = _random_switch_hf_model(kind)
+    hf = _random_switchhf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
     result = import_from_hf(tmp_path / "hf", tmp_path / "ckpt")
     cfg = result.config
@@ -203,7 +181,7 @@ def test_hf_models_with_switch_features_import_with_their_logits(tmp_path, kind)
     ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(6)).tolist()[0]
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0]
-    ours = _our_logits(model, ids)
+    ours = our_logits(model, ids)
     diff = (theirs - ours).abs().max().item()
     print(f"{kind}: max |logit diff| HF vs megatron-lite = {diff:.3e} (logit std {ours.std():.2f})")
     assert diff < SWITCH_LOGIT_ATOL and ours.std() > 0.5

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ONE_LAYER_RUN, run_python, tiny_flags
+from helpers import run_python
 from test_checkpointing_support import VOCAB, build, make_cfg, snapshot, train_steps
+from test_fault_tolerance import TINY, config
 from torch.distributed.checkpoint import FileSystemWriter, default_planner
 
 from megatron_lite.arguments import parse_config
@@ -188,22 +189,6 @@ def test_flags_and_the_format_refusal():
 
 
 # ---- whole runs ---------------------------------------------------------------------------------------
-TINY = tiny_flags(
-    **ONE_LAYER_RUN,
-    global_batch_size=4,
-    lr=1e-2,
-    lr_warmup_iters=2,
-    hidden_dropout=0.1,
-    attention_dropout=0.1,
-    eval_iters=0,
-    log_interval=1,
-)
-
-
-def config(extra: str):
-    return parse_config(TINY + extra.split())
-
-
 def test_async_and_sync_runs_write_the_same_checkpoints_and_resume_identically(tmp_path):
     straight = pretrain(config("--train-iters 6"))
     for mode in ("", "--async-save"):
