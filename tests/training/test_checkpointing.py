@@ -372,6 +372,26 @@ def test_different_model_shape_is_one_line(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("saved", "given", "expected"),
+    [
+        # An old run trained tanh GELU; resuming it without --openai-gelu would silently change the model.
+        ({"openai_gelu": True}, {}, "--openai-gelu on in the checkpoint, off given"),
+        ({}, {"qk_layernorm": True}, "--qk-layernorm off in the checkpoint, on given"),
+        ({}, {"add_bias_linear": False}, "--disable-bias-linear off in the checkpoint, on given"),
+        ({}, {"layernorm_zero_centered_gamma": True}, "--apply-layernorm-1p off in the checkpoint, on given"),
+    ],
+)
+def test_different_model_switch_is_one_line(tmp_path, saved, given, expected):
+    cfg, model, optimizer, scheduler = trained(steps=0, **saved)
+    save(tmp_path, 1, cfg, model, optimizer, scheduler)
+    other = fresh(**given)
+    assert load_error(tmp_path, *other) == (
+        f"checkpoint {tmp_path / 'iter_0000001'} holds a different model: {expected}; "
+        "give the checkpoint's model flags"
+    )
+
+
 def test_other_vocab_padding_copies_the_true_rows(tmp_path):
     # --make-vocab-size-divisible-by 64 pads 257 to 320 rows instead of 384: the stored blocks no
     # longer line up, so the whole tensor is read and its true rows copied.

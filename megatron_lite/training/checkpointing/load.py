@@ -11,6 +11,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_lite.config import MegatronConfig
+from megatron_lite.config.fields import flag_name
 from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training.checkpointing import keys
@@ -155,32 +156,59 @@ _MODEL_SHAPE_FIELDS = (
     "position_embedding_type",
     "normalization",
     "swiglu",
+    "squared_relu",
     "untie_embeddings_and_output_weights",
     "add_bias_linear",
     "layernorm_epsilon",
+    "layernorm_zero_centered_gamma",
+    "qk_layernorm",
+    "window_size",
+)
+_ROPE_FIELDS = (
+    "rotary_base",
+    "rotary_percent",
+    "rotary_interleaved",
+    "rotary_seq_len_interpolation_factor",
+    "use_rope_scaling",
 )
 _DERIVED_SHAPE_FIELDS = ("num_query_groups", "kv_channels", "ffn_hidden_size")
 
 
+def _uses_gelu(cfg: MegatronConfig) -> bool:
+    return not (cfg.swiglu or cfg.squared_relu)
+
+
 def _check_same_model(saved: MegatronConfig, cfg: MegatronConfig, ckpt: Path) -> None:
+    """Refuse a checkpoint of another model: its weights would load, or fail, without saying why."""
+
     def show(value: Any) -> str:
         if isinstance(value, bool):
             return "on" if value else "off"
         return str(value)
 
     def differences(names: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
-        return [
-            (f"--{name.replace('_', '-')}", getattr(saved, name), getattr(cfg, name))
-            for name in names
-            if getattr(saved, name) != getattr(cfg, name)
-        ]
+        # Named by the field's own flag; a store_false flag (--disable-bias-linear) reads inverted.
+        found = []
+        for name in names:
+            old, new = getattr(saved, name), getattr(cfg, name)
+            if old != new:
+                flag = flag_name(name)
+                if flag.startswith(("--disable-", "--no-")) and isinstance(old, bool):
+                    old, new = not old, not new
+                found.append((flag, old, new))
+        return found
 
     found = differences(_MODEL_SHAPE_FIELDS)
     if saved.position_embedding_type == cfg.position_embedding_type == "learned_absolute":
         found += differences(("max_position_embeddings",))
     if saved.position_embedding_type == cfg.position_embedding_type == "rope":
-        found += differences(("rotary_base", "rotary_percent"))
-    if saved.qkv_bias != cfg.qkv_bias:
+        found += differences(_ROPE_FIELDS)
+        if saved.use_rope_scaling and cfg.use_rope_scaling:
+            found += differences(("rope_scaling_factor",))
+    if _uses_gelu(saved) and _uses_gelu(cfg):
+        # Old checkpoints trained the tanh form: resuming one without --openai-gelu would change the model.
+        found += differences(("openai_gelu",))
+    if saved.qkv_bias != cfg.qkv_bias and saved.add_bias_linear == cfg.add_bias_linear:
         found.append(("QKV bias (--add-qkv-bias/--disable-qkv-bias)", saved.qkv_bias, cfg.qkv_bias))
     if not found:
         found = differences(_DERIVED_SHAPE_FIELDS)
