@@ -23,6 +23,11 @@ class CheckpointArgs:
     ckpt_format: str = _f("torch_dist", "Checkpoint format.", choices=["torch_dist"], group="checkpointing")
     exit_on_missing_checkpoint: bool = _f(False, "Exit if --load has no checkpoint.", group="checkpointing")
     save_keep_last: int | None = _f(None, "Keep only the newest K checkpoints.", group="checkpointing")
+    save_retain_interval: int | None = _f(
+        None,
+        "Keep only checkpoints whose iteration is a multiple of N (and the newest); delete the others.",
+        group="checkpointing",
+    )
     async_save: bool = _f(
         False,
         "Write checkpoints in a background thread while training goes on (torch.distributed.checkpoint."
@@ -38,6 +43,15 @@ class CheckpointArgs:
 
 def check_checkpointing(cfg: Any) -> None:
     """What Megatron refuses about how checkpoints are written, as one line each."""
+    retain = cfg.save_retain_interval
+    if retain is not None:
+        if retain <= 0:
+            fail(f"{flag_name('save_retain_interval')} must be positive, got {retain}")
+        if cfg.save_interval is not None and retain % cfg.save_interval != 0:
+            fail(
+                f"{flag_name('save_retain_interval')} {retain} must be a multiple of "
+                f"{flag_name('save_interval')} {cfg.save_interval}"
+            )
     if cfg.async_save and cfg.ckpt_format != "torch_dist":
         # Megatron: "Async checkpoint save not implemented for {format} distributed checkpoint format".
         fail(

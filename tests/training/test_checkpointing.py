@@ -323,6 +323,35 @@ def test_save_keep_last(tmp_path):
     assert read_latest_iteration(tmp_path) == 2
 
 
+def test_save_retain_interval_keeps_multiples_and_the_newest(tmp_path):
+    # Megatron's --save-retain-interval 4 with --save-interval 2: 2 goes when 4 is saved, 6 when 8 is.
+    cfg, model, optimizer, scheduler = trained(steps=1, save_interval=2, save_retain_interval=4)
+    seen = []
+    for iteration in (2, 4, 6, 8, 10):
+        save(tmp_path, iteration, cfg, model, optimizer, scheduler)
+        seen.append(sorted(name for name in os.listdir(tmp_path) if name != POINTER))
+    assert seen == [
+        ["iter_0000002"],
+        ["iter_0000004"],
+        ["iter_0000004", "iter_0000006"],
+        ["iter_0000004", "iter_0000008"],
+        ["iter_0000004", "iter_0000008", "iter_0000010"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"save_retain_interval": 0}, "--save-retain-interval must be positive, got 0"),
+        ({"save_retain_interval": 3}, "--save-retain-interval 3 must be a multiple of --save-interval 2"),
+    ],
+)
+def test_bad_save_retain_interval_is_one_line(flags, message):
+    with pytest.raises(UserError) as caught:
+        make_cfg(save_interval=2, **flags)
+    assert str(caught.value) == message
+
+
 def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     cfg, model, optimizer, scheduler = trained()
     save(tmp_path, 2, cfg, model, optimizer, scheduler)

@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 
-from megatron_lite.training.checkpointing.names import ITER_DIR, LEFTOVER, TRACKER_FILENAME
+from megatron_lite.training.checkpointing.names import (
+    ITER_DIR,
+    LEFTOVER,
+    TRACKER_FILENAME,
+    iteration_dir_name,
+)
 
 
 def prepare_directory(save_dir: Path, tmp: Path) -> None:
@@ -74,6 +79,20 @@ def delete_old_checkpoints(save_dir: Path, iteration: int, keep_last: int) -> No
             shutil.rmtree(path)
         except OSError as err:
             print(f"warning: --save-keep-last could not delete {path}: {err.strerror}", file=sys.stderr)
+
+
+def delete_unretained(save_dir: Path, previous: int, iteration: int, retain_interval: int) -> None:
+    """Megatron's --save-retain-interval: once a new checkpoint is published, the one before it goes
+    unless its iteration is a multiple of the interval (a symbolic link is left alone)."""
+    if previous == iteration or previous % retain_interval == 0:
+        return
+    path = save_dir / iteration_dir_name(previous)
+    if path.is_symlink() or not path.is_dir():
+        return
+    try:
+        shutil.rmtree(path)
+    except OSError as err:
+        print(f"warning: --save-retain-interval could not delete {path}: {err.strerror}", file=sys.stderr)
 
 
 def save_synced(obj: Any, path: Path) -> None:

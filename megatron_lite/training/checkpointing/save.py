@@ -76,7 +76,7 @@ def save_checkpoint(
     save_dir = Path(save_dir)
     module = unwrap_model(model)
     nonce = broadcast_from_rank0(pstate, secrets.token_hex(4) if pstate.rank == 0 else None)
-    save = SaveInProgress(pstate, save_dir, iteration, nonce, cfg.save_keep_last)
+    save = SaveInProgress(pstate, save_dir, iteration, nonce, cfg.save_keep_last, cfg.save_retain_interval)
     step = save.step()
     # Background writes get private CPU copies: training goes on changing the originals.
     staged = cfg.async_save
