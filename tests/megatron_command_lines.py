@@ -165,8 +165,22 @@ _SIZES: dict[str, str | list[str]] = {
     "--rampup-batch-size": ["1", "1", "2"],
     "--step-batch-size-schedule": "0:1 64:2",
     "--manual-gc-interval": "1",
+    "--save-retain-interval": "3",
 }
+# The test corpus has this many documents (tests/test_megatron_command_lines.py builds it).
+CORPUS_DOCUMENTS = 60
 _ALWAYS = ("--train-iters", "--eval-iters", "--log-interval", "--num-workers")
+
+
+def _split_fits(split: str, documents: int) -> bool:
+    """Whether every split with a non-zero weight gets a document (Megatron's rounded cumulative bookends)."""
+    weights = [float(w) for w in split.strip("'\"").replace("/", ",").split(",")]
+    weights += [0.0] * (3 - len(weights))
+    total, ends = sum(weights), [0.0]
+    for w in weights:
+        ends.append(ends[-1] + w / total)
+    bounds = [int(round(e * documents)) for e in ends]
+    return all(w == 0 or bounds[i + 1] > bounds[i] for i, w in enumerate(weights))
 
 
 def shrink(argv: list[str], paths: dict[str, str], tokenizers: dict[str, Any]) -> list[str]:
@@ -195,7 +209,10 @@ def shrink(argv: list[str], paths: dict[str, str], tokenizers: dict[str, Any]) -
     out: list[list[str]] = []
     for item in items:
         flag = item[0]
-        if flag in replace and len(item) > 1:
+        if flag == "--split" and len(item) > 1 and not _split_fits(item[1], CORPUS_DOCUMENTS):
+            # A split sized for billions of documents (99990,8,2) gives a small corpus' valid split none.
+            out.append([flag, "90,5,5"])
+        elif flag in replace and len(item) > 1 and item[1] != "0":  # 0 (e.g. no warmup) keeps its meaning
             value = replace[flag]
             out.append([flag, *value] if isinstance(value, list) else [flag, value])
         else:

@@ -62,7 +62,9 @@ def _preprocess(tmp: Path, name: str, flags: dict[str, str]) -> str:
     if not jsonl.exists():
         with gzip.open(ROOT / "data" / "shakespeare.jsonl.gz", "rt", encoding="utf-8") as f:
             texts = [json.loads(line)["text"] for line in f][:3]
-        jsonl.write_text("".join(json.dumps({"text": t[:20000]}) + "\n" for t in texts))
+        # 60 documents: Megatron's splits (949,50,1; 99,1,0) give every used split at least one.
+        docs = [t[i : i + 1000] for t in texts for i in range(0, 20000, 1000)]
+        jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     prefix = tmp / name
     argv = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(jsonl)]
     argv += ["--output-prefix", str(prefix), "--append-eod", "--workers", "1", "--tokenizer-type", name]

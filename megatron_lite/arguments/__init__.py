@@ -41,7 +41,7 @@ def config_from_namespace(namespace: dict[str, Any]) -> MegatronConfig:
         else:
             extras[dest] = value
             source.pop(dest, None)
-    notices += check_megatron_args(extras, source)
+    notices += check_megatron_args(extras, source, values)
     check_implemented_choices(values)
     cfg = MegatronConfig(**values)
     cfg.megatron_args = extras

@@ -34,11 +34,11 @@ def _later(issue: int, what: str, *allowed: Any, gate: str | None = None) -> Pol
     return Policy("later", f"{what} is not implemented yet (issue {issue})", allowed, gate)
 
 
-_PP, _MOE, _CP, _MLA = (
-    "pipeline_model_parallel_size",
-    "num_experts",
+_CP, _MLA, _PP, _MOE = (
     "context_parallel_size",
     "multi_latent_attention",
+    "pipeline_model_parallel_size",
+    "num_experts",
 )
 
 
@@ -146,15 +146,14 @@ _BY_DEST: dict[str, Policy] = {
     "use_precision_aware_optimizer": _refused(
         "the precision-aware optimizer needs Transformer Engine's FusedAdam on a GPU"
     ),
-    "pipeline_model_parallel_size": _later(13, "pipeline parallelism", 1),
     "context_parallel_size": _later(15, "context parallelism", 1),
     "cp_comm_type": _later(15, "context parallelism", "p2p", gate=_CP),
     "hierarchical_context_parallel_sizes": _later(15, "context parallelism", gate=_CP),
     "hybrid_context_parallel": _later(15, "context parallelism"),
-    "expert_model_parallel_size": _later(14, "expert parallelism", 1),
-    "expert_tensor_parallel_size": _later(14, "expert tensor parallelism"),
-    "num_experts": _later(14, "mixture of experts (--num-experts)"),
     "multi_latent_attention": _later(14, "multi-latent attention"),
+    "export_force_local_attention": _switch(
+        "megatron-lite's attention is always its own PyTorch module (Megatron's local DotProductAttention role)"
+    ),
     "spec": _switch("megatron-lite builds its GPT layers from the config; a layer spec is not used"),
     "tokenizer_hf_no_use_fast": _switch("no effect: the tokenizer class transformers picks is used"),
     "exit_signal_handler_for_training": _switch(
@@ -177,14 +176,17 @@ _BY_PATTERN: list[tuple[str, Policy]] = [
     ),
     (r"^async_tensor_model_parallel_allreduce$|^gradient_reduce_div_fusion$|^mla_down_proj_fusion$", _FUSED),
     (
+        # Gated on the pipeline size (a config field; gates see fields too): at PP=1 these change nothing.
         r"pipeline|virtual_stage|_pp_|p2p_comm|^overlap_p2p|^account_for_|^microbatch_group_size",
-        _later(13, "pipeline parallelism", gate=_PP),
+        _later(13, "this pipeline-parallel option", gate=_PP),
     ),
     (
         r"^decoder_(first|last)_pipeline|^use_ring_exchange_p2p$|^defer_embedding_wgrad",
-        _later(13, "pipeline parallelism", gate=_PP),
+        _later(13, "this pipeline-parallel option", gate=_PP),
     ),
-    (r"^moe_|^expert_|^num_moe_experts$", _later(14, "mixture of experts", gate=_MOE)),
+    # --num-experts and the MoE options megatron-lite has are config fields; these are the rest, gated on
+    # --num-experts: without experts they change nothing (a notice says so).
+    (r"^moe_|^expert_|^num_moe_experts$", _later(14, "this mixture-of-experts option", gate=_MOE)),
     (
         r"^(q_lora_rank|kv_lora_rank|qk_head_dim|qk_pos_emb_head_dim|v_head_dim|rotary_scaling_factor|mscale|"
         r"mscale_all_dim|cache_mla_latents)$",
@@ -299,11 +301,15 @@ def _is_default(flag: MegatronFlag, value: Any) -> bool:
     return value == flag.default or words(value) == words(flag.default)
 
 
-def check_megatron_args(values: dict[str, Any], source: dict[str, str]) -> list[str]:
+def check_megatron_args(
+    values: dict[str, Any], source: dict[str, str], settings: dict[str, Any] | None = None
+) -> list[str]:
     """Refuse what cannot run; return the start-up notices for implementation switches (one line each).
 
-    `source` names where each value came from (the flag as typed, or the YAML file and key).
+    `source` names where each value came from (the flag as typed, or the YAML file and key); `settings`
+    are the config fields given, which gates may name (e.g. --pipeline-model-parallel-size).
     """
+    gates = {**(settings or {}), **values}
     notices: list[str] = []
     table = flags_by_dest()
     for dest, value in values.items():
@@ -315,7 +321,7 @@ def check_megatron_args(values: dict[str, Any], source: dict[str, str]) -> list[
             notices.append(f"{given}: {p.text}")
         elif _is_default(flag, value) or value in p.allowed or str(value) in (str(a) for a in p.allowed):
             continue
-        elif p.gate is not None and not _active(p.gate, values):
+        elif p.gate is not None and not _active(p.gate, gates):
             notices.append(f"{given}: no effect without {table[p.gate].option}")
         elif p.kind == "later":
             fail(f"{given}: {p.text}")
@@ -349,7 +355,12 @@ def check_implemented_choices(values: dict[str, Any]) -> None:
     for f in config_fields():
         choices = f.metadata.get("choices")
         value = values.get(f.name)
-        if choices is None or value is None or value in choices:
+        if choices is None or value is None:
+            continue
+        # nargs="+" fields hold lists: each item must be implemented.
+        items = value if isinstance(value, list) else [value]
+        value = next((item for item in items if item not in choices), None)
+        if value is None:
             continue
         flag = flags_by_dest().get(f.name)
         name = flag.option if flag is not None else "--" + f.name.replace("_", "-")

@@ -83,6 +83,8 @@ def _coerce_field(name: str, value: Any) -> Any:
     kind = base_type(annotation)
     if "list[" in str(annotation):
         items = value.split() if isinstance(value, str) else value
+        if kind in (int, float) and isinstance(items, (int, float)) and not isinstance(items, bool):
+            items = [items]  # Megatron's own YAML gives one number where the flag takes several
         if not isinstance(items, list):
             raise ValueError(f"must be a list, got {value!r}")
         return [str(v) if kind is str else _coerce_scalar(kind, v, None) for v in items]
