@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_lite.config.fields import _f, fail, flag_name, require
-from megatron_lite.training.microbatches import build_num_microbatches_calculator, rampup_train_iters
+from megatron_lite.training.microbatches import (
+    build_num_microbatches_calculator,
+    rampup_train_iters,
+    step_schedule_notices,
+    step_schedule_train_iters,
+)
 
 
 @dataclass
@@ -24,6 +29,13 @@ class TrainingArgs:
         "Ramp the global batch up: START INCREMENT SAMPLES (START grows by INCREMENT up to "
         "--global-batch-size over SAMPLES consumed samples; needs --train-samples).",
         nargs=3,
+        group="training",
+    )
+    step_batch_size_schedule: str | None = _f(
+        None,
+        'Step-wise global batch schedule "THRESHOLD:BS THRESHOLD:BS ..." (thresholds in tokens, with K, M, '
+        'B, T suffixes; the first must be 0), e.g. "0:768 250B:1536 500B:3072". Excludes '
+        "--global-batch-size and --decrease-batch-size-if-needed; --rampup-batch-size is then ignored.",
         group="training",
     )
     decrease_batch_size_if_needed: bool = _f(
@@ -127,6 +139,11 @@ def derive_training(cfg: Any) -> None:
     require(cfg, "micro_batch_size")
     if cfg.micro_batch_size <= 0:
         fail(f"--micro-batch-size must be positive, got {cfg.micro_batch_size}")
+    # Megatron's flag: a finalized config has the default filled in, so remember what the user gave.
+    if not hasattr(cfg, "_is_global_batch_size_explicitly_specified"):
+        cfg._is_global_batch_size_explicitly_specified = cfg.global_batch_size is not None
+    if cfg.step_batch_size_schedule is not None:
+        _check_step_schedule_flags(cfg)
     if cfg.global_batch_size is None:
         cfg.global_batch_size = cfg.micro_batch_size * cfg.data_parallel_size
     if cfg.global_batch_size <= 0:
@@ -138,7 +155,9 @@ def derive_training(cfg: Any) -> None:
     _check_iteration_or_sample_based(cfg)
     if cfg.train_samples is not None:
         # Megatron counts the schedule in samples (see lr_schedule_steps); the loop counts iterations.
-        if cfg.rampup_batch_size is not None:
+        if cfg.step_batch_size_schedule is not None:
+            cfg.train_iters = step_schedule_train_iters(calculator, cfg.train_samples)
+        elif cfg.rampup_batch_size is not None:
             cfg.train_iters = rampup_train_iters(calculator, cfg.train_samples)
         else:
             cfg.train_iters = cfg.train_samples // cfg.global_batch_size
@@ -148,6 +167,8 @@ def derive_training(cfg: Any) -> None:
             cfg.lr_warmup_iters = cfg.lr_warmup_samples // cfg.global_batch_size
     if cfg.train_iters < 0:
         fail(f"--train-iters must be >= 0, got {cfg.train_iters}")
+    if cfg.step_batch_size_schedule is not None:
+        _add_notices(cfg, step_schedule_notices(calculator, cfg.train_iters))
     require(cfg, "lr")
     if cfg.lr_decay_iters is None:
         cfg.lr_decay_iters = cfg.train_iters
@@ -161,10 +182,53 @@ def derive_training(cfg: Any) -> None:
         cfg.data_path = None
 
 
+def _check_step_schedule_flags(cfg: Any) -> None:
+    """What Megatron-LM main refuses next to --step-batch-size-schedule, and what it ignores."""
+    if cfg.decrease_batch_size_if_needed:
+        fail("--step-batch-size-schedule does not support --decrease-batch-size-if-needed")
+    notices = []
+    if cfg._is_global_batch_size_explicitly_specified:
+        # Megatron refuses both, yet its own examples/gpt3 script and gpt_config.yaml give both, with
+        # --global-batch-size the schedule's last batch. That one value only restates the schedule: accept it.
+        from megatron_lite.training.microbatches import parse_step_batch_size_schedule
+
+        final = parse_step_batch_size_schedule(cfg.step_batch_size_schedule, cfg.seq_length)[-1][1]
+        if cfg.global_batch_size != final:
+            fail(
+                f"--global-batch-size {cfg.global_batch_size} differs from the last batch size of "
+                f"--step-batch-size-schedule ({final}); leave --global-batch-size out (the schedule sets it)"
+            )
+        notices.append(
+            f"--global-batch-size {final}: the last batch size of --step-batch-size-schedule; the schedule "
+            "sets the batch (Megatron-LM refuses the pair, its own examples give it)"
+        )
+        cfg.global_batch_size = None
+        cfg._is_global_batch_size_explicitly_specified = False
+    if cfg.rampup_batch_size is not None:
+        notices.append(
+            "--rampup-batch-size: ignored with --step-batch-size-schedule (as in Megatron-LM main)"
+        )
+    if cfg.train_iters is not None:
+        notices.append(
+            "--step-batch-size-schedule with --train-iters: as in Megatron, the learning-rate and weight-decay "
+            "spans are iterations x micro batch x data-parallel size samples (--global-batch-size's default), "
+            "not the schedule's batches; --train-samples counts real samples"
+        )
+    _add_notices(cfg, notices)
+
+
+def _add_notices(cfg: Any, notices: list[str]) -> None:
+    for notice in notices:
+        if notice not in cfg.startup_notices:
+            cfg.startup_notices.append(notice)
+
+
 def _check_iteration_or_sample_based(cfg: Any) -> None:
     """Megatron's rule: the schedule is given in iterations with --train-iters, in samples with --train-samples."""
     if cfg.train_iters is not None:
-        for name in ("lr_decay_samples", "rampup_batch_size"):
+        # Megatron-LM main ignores --rampup-batch-size next to a step schedule, so it is not checked then.
+        ramp = () if cfg.step_batch_size_schedule is not None else ("rampup_batch_size",)
+        for name in ("lr_decay_samples", *ramp):
             if getattr(cfg, name) is not None:
                 fail(f"{flag_name(name)} needs --train-samples (it counts samples), not --train-iters")
         if cfg.lr_warmup_samples:

@@ -1,4 +1,5 @@
-"""Megatron's number-of-micro-batches calculators: a constant global batch, or one ramped up over samples."""
+"""Megatron's number-of-micro-batches calculators: a constant global batch, one ramped up over samples
+(--rampup-batch-size), or a step-wise schedule (--step-batch-size-schedule)."""
 
 from __future__ import annotations
 
@@ -142,8 +143,165 @@ class RampupBatchsizeNumMicroBatchesCalculator(ConstantNumMicroBatchesCalculator
         self.num_micro_batches = running // self.per_step
 
 
+STEP_FLAG = "--step-batch-size-schedule"
+_SUFFIXES = {"T": 10**12, "B": 10**9, "M": 10**6, "K": 10**3}
+
+
+def _schedule_number(text: str, entry: str) -> int:
+    """A threshold or batch size as Megatron reads it: a float with an optional K/M/B/T suffix (any case),
+    multiplied out and truncated to an int ("2.4B" is 2400000000)."""
+    value = text.strip().upper()
+    multiplier = 1
+    if value[-1:] in _SUFFIXES:
+        multiplier = _SUFFIXES[value[-1]]
+        value = value[:-1]
+    try:
+        return int(float(value) * multiplier)
+    except (ValueError, OverflowError):
+        fail(f"{STEP_FLAG}: {text!r} in entry {entry!r} is not a number (optionally with K, M, B or T)")
+
+
+def parse_step_batch_size_schedule(schedule: str, seq_length: int | None) -> list[tuple[int, int]]:
+    """Megatron's "THRESHOLD:BATCHSIZE ..." (spaces or commas between entries) as (threshold in samples,
+    global batch) pairs sorted by threshold. With a sequence length the thresholds are tokens, floored to
+    whole samples (Megatron's training always passes --seq-length). Checked as Megatron checks it: at
+    least one entry, the first at 0 samples, thresholds strictly increasing, batch sizes positive."""
+    entries = []
+    for entry in schedule.strip().replace(",", " ").split():
+        if ":" not in entry:
+            fail(f'{STEP_FLAG}: entry "{entry}" is not THRESHOLD:BATCH_SIZE')
+        threshold_text, batch_text = entry.split(":", 1)
+        threshold = _schedule_number(threshold_text, entry)
+        if seq_length is not None:
+            threshold //= seq_length
+        entries.append((threshold, _schedule_number(batch_text, entry)))
+    entries.sort(key=lambda pair: pair[0])
+    if not entries:
+        fail(f"{STEP_FLAG}: the schedule must have at least one THRESHOLD:BATCH_SIZE entry")
+    unit = f" (tokens / --seq-length {seq_length})" if seq_length is not None else ""
+    if entries[0][0] != 0:
+        fail(f"{STEP_FLAG}: the first threshold must be 0, got {entries[0][0]} samples{unit}")
+    for (before, _), (after, _) in zip(entries, entries[1:]):
+        if after <= before:
+            fail(
+                f"{STEP_FLAG}: thresholds must be strictly increasing, got {before} samples before "
+                f"{after} samples{unit}"
+            )
+    for _, batch in entries:
+        if batch <= 0:
+            fail(f"{STEP_FLAG}: batch sizes must be positive, got {batch}")
+    return entries
+
+
+class StepBatchsizeNumMicroBatchesCalculator(ConstantNumMicroBatchesCalculator):
+    """--step-batch-size-schedule: the global batch is the batch of the last schedule entry whose
+    threshold (in samples) the consumed samples have reached.
+
+    As in Megatron only the batch a step actually uses must divide into micro batch x data-parallel
+    (checked when it is reached), so a run resumed on more ranks may have early entries too small for
+    them. --decrease-batch-size-if-needed is refused.
+    """
+
+    def __init__(
+        self,
+        micro_batch_size: int,
+        data_parallel_size: int,
+        schedule: str,
+        seq_length: int | None = None,
+    ) -> None:
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_size = data_parallel_size
+        self.decrease_batch_size_if_needed = False
+        self.per_step = micro_batch_size * data_parallel_size
+        self.schedule = parse_step_batch_size_schedule(schedule, seq_length)
+        self.global_batch_size = self.schedule[-1][1]
+        self.update(0, consistency_check=False)
+
+    def batch_size_at(self, consumed_samples: int) -> int:
+        """The global batch after `consumed_samples` samples."""
+        batch = self.schedule[0][1]
+        for threshold, size in self.schedule:
+            if consumed_samples < threshold:
+                break
+            batch = size
+        return batch
+
+    def update(self, consumed_samples: int, consistency_check: bool = True) -> None:
+        """Set the batch for the next step from the samples consumed so far."""
+        current = self.batch_size_at(consumed_samples)
+        if consistency_check and current % self.per_step != 0:
+            fail(
+                f"{STEP_FLAG}: the global batch {current} at {consumed_samples} consumed samples is not "
+                f"divisible by --micro-batch-size {self.micro_batch_size} x data-parallel size "
+                f"{self.data_parallel_size}"
+            )
+        self.current_global_batch_size = current
+        self.current_running_global_batch_size = current
+        self.num_micro_batches = current // self.per_step
+
+    def steps(self, consumed_samples: int, iterations: int) -> list[tuple[int, int, int]]:
+        """(consumed samples at its start, batch, iterations) for each run of equal batches that
+        `iterations` steps from `consumed_samples` on go through."""
+        runs = []
+        thresholds = [t for t, _ in self.schedule]
+        while iterations > 0:
+            batch = self.batch_size_at(consumed_samples)
+            ahead = [t for t in thresholds if t > consumed_samples]
+            count = iterations if not ahead else min(iterations, -(-(ahead[0] - consumed_samples) // batch))
+            runs.append((consumed_samples, batch, count))
+            consumed_samples += count * batch
+            iterations -= count
+        return runs
+
+
+def step_schedule_train_iters(calculator: StepBatchsizeNumMicroBatchesCalculator, train_samples: int) -> int:
+    """Megatron's (main) iteration count for --train-samples with a step schedule: steps until the consumed
+    samples reach --train-samples, the last one whole even if it passes them."""
+    iterations = consumed = 0
+    thresholds = [t for t, _ in calculator.schedule] + [train_samples]
+    while consumed < train_samples:
+        batch = calculator.batch_size_at(consumed)
+        end = min(t for t in thresholds if t > consumed)
+        count = -(-(end - consumed) // batch)
+        iterations += count
+        consumed += count * batch
+    return iterations
+
+
+def step_schedule_notices(calculator: StepBatchsizeNumMicroBatchesCalculator, train_iters: int) -> list[str]:
+    """Warnings for the batches a fresh run reaches that do not split into micro batch x data-parallel:
+    Megatron stops with an error when it gets there (a resumed run on other ranks may not)."""
+    notices = []
+    for consumed, batch, _ in calculator.steps(0, train_iters):
+        if batch % calculator.per_step != 0:
+            notices.append(
+                f"{STEP_FLAG}: the global batch {batch} from {consumed} consumed samples is not divisible by "
+                f"--micro-batch-size {calculator.micro_batch_size} x data-parallel size "
+                f"{calculator.data_parallel_size}; training stops there with an error (as in Megatron)"
+            )
+    return notices
+
+
+def train_num_samples(cfg: Any) -> int:
+    """Training samples to build the dataset for: --train-iters x --global-batch-size (the final batch of a
+    ramp-up); with a step schedule at least what its steps consume (Megatron's --global-batch-size is then
+    micro batch x DP)."""
+    samples = cfg.train_iters * cfg.global_batch_size
+    if cfg.step_batch_size_schedule is None:
+        return samples
+    calculator = build_num_microbatches_calculator(cfg)
+    needed = sum(batch * count for _, batch, count in calculator.steps(0, cfg.train_iters))
+    return max(samples, cfg.train_samples or 0, needed)
+
+
 def build_num_microbatches_calculator(cfg: Any) -> ConstantNumMicroBatchesCalculator:
-    """The calculator a finalized config asks for (constant, or ramped up with --rampup-batch-size)."""
+    """The calculator a finalized config asks for: a step schedule (which, as in Megatron-LM main, makes
+    --rampup-batch-size ignored), a ramp-up, or a constant batch. Thresholds of a step schedule count
+    tokens (Megatron's training passes --seq-length)."""
+    if cfg.step_batch_size_schedule is not None:
+        return StepBatchsizeNumMicroBatchesCalculator(
+            cfg.micro_batch_size, cfg.data_parallel_size, cfg.step_batch_size_schedule, cfg.seq_length
+        )
     if cfg.rampup_batch_size is None:
         return ConstantNumMicroBatchesCalculator(
             cfg.global_batch_size,

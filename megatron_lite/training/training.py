@@ -19,10 +19,15 @@ from megatron_lite.config import MegatronConfig
 from megatron_lite.core.datasets.builder import build_train_valid_test_datasets
 from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.core.performance import configure_matmul_precision
+from megatron_lite.core.pipeline_parallel.checkpoint_view import checkpoint_module
+from megatron_lite.core.pipeline_parallel.embedding_group import all_reduce_embedding_grads
+from megatron_lite.core.pipeline_parallel.schedule import PipelineSchedule
+from megatron_lite.core.pipeline_parallel.stage import build_model_chunks
 from megatron_lite.core.tensor_parallel import model_parallel_manual_seed
+from megatron_lite.core.transformer.moe.training import MoETrainingHooks
 from megatron_lite.errors import UserError, fail
 from megatron_lite.parallel_state import ParallelState
-from megatron_lite.tokenizer import Tokenizer, build_tokenizer
+from megatron_lite.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 from megatron_lite.training.data_samplers import build_mock_datasets, build_pretraining_data_loader
 from megatron_lite.training.fault_tolerance import ExitSignal, collective_failures_as_errors
 from megatron_lite.training.grad_utils import (
@@ -35,7 +40,7 @@ from megatron_lite.training.grad_utils import (
 from megatron_lite.training.log_stats import count_zeros_in_grad
 from megatron_lite.training.logger import TrainingLogger
 from megatron_lite.training.lr_schedule import OptimizerParamScheduler
-from megatron_lite.training.microbatches import build_num_microbatches_calculator
+from megatron_lite.training.microbatches import build_num_microbatches_calculator, train_num_samples
 from megatron_lite.training.optimizer import build_optimizer, finish_param_sync
 from megatron_lite.training.profiling import Profiler
 from megatron_lite.training.runtime import (
@@ -61,6 +66,7 @@ class TrainResult:
     iteration: int = 0
     consumed_train_samples: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    grad_norms: list[tuple[int, float]] = field(default_factory=list)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
     last_validation_loss: float | None = None
     test_loss: float | None = None
@@ -130,16 +136,22 @@ def _pretrain(
 # ---- setup ------------------------------------------------------------------------------------------
 def setup_config(cfg: MegatronConfig, pstate: ParallelState) -> Tokenizer | None:
     """Build the tokenizer, finalize the config for this world and vocabulary, and check the device."""
-    tokenizer_type = cfg.tokenizer_type
-    if tokenizer_type is None and (cfg.vocab_file is not None or cfg.merge_file is not None):
-        # Megatron's GPT examples give only the BPE files; they can only mean the GPT-2 tokenizer.
-        tokenizer_type = "GPT2BPETokenizer"
+    if cfg.use_checkpoint_args and cfg.load:
+        # Before the tokenizer: the checkpoint's args may name it (Megatron's load_args_from_checkpoint).
+        from megatron_lite.training.checkpointing.checkpoint_args import apply_checkpoint_args
+
+        for line in apply_checkpoint_args(cfg):
+            if pstate.rank == 0:
+                print(line, flush=True)
     tokenizer = None
-    if tokenizer_type is not None:
-        tokenizer = build_tokenizer(tokenizer_type, cfg.vocab_file, cfg.merge_file)
+    if cfg.tokenizer_type is not None or cfg.vocab_file is not None or cfg.merge_file is not None:
+        # All the tokenizer settings (--tokenizer-model, --vocab-size, --tiktoken-*); BPE files without a
+        # type mean GPT-2 BPE, as in Megatron's GPT examples.
+        tokenizer = build_tokenizer(cfg)
     elif not cfg.mock_data:
         fail(
-            "--tokenizer-type is required with --data-path: GPT2BPETokenizer or ByteTokenizer, as in preprocessing"
+            "--tokenizer-type is required with --data-path: the one the data was preprocessed with "
+            f"({', '.join(TOKENIZER_TYPES)})"
         )
     elif cfg.vocab_size is None:
         fail("--mock-data without --tokenizer-type needs --vocab-size, e.g. --vocab-size 50257")
@@ -154,6 +166,11 @@ def setup_config(cfg: MegatronConfig, pstate: ParallelState) -> Tokenizer | None
             f"--tensor-model-parallel-size {cfg.tensor_model_parallel_size} does not match the process "
             f"groups (TP size {pstate.tp_size}); pass the same value to initialize_parallel"
         )
+    if cfg.pipeline_model_parallel_size != pstate.pp_size:
+        fail(
+            f"--pipeline-model-parallel-size {cfg.pipeline_model_parallel_size} does not match the process "
+            f"groups (PP size {pstate.pp_size}); pass the same value to initialize_parallel"
+        )
     check_precision(cfg, pstate.device)
     return tokenizer
 
@@ -164,14 +181,21 @@ def check_precision(cfg: MegatronConfig, device: torch.device) -> None:
 
 
 def set_random_seed(seed: int, pstate: ParallelState | None = None) -> None:
-    """Seed python, numpy and torch with --seed, and the model's RNG tracker streams for this TP rank."""
+    """Seed python, numpy and torch with --seed, and the model's RNG tracker streams for this TP rank.
+
+    As Megatron, each pipeline stage offsets the seed by 100 x its rank (its dropout masks differ).
+    """
+    if pstate is not None:
+        seed += 100 * pstate.pp_rank
     random.seed(seed)
     np.random.seed(seed)
     model_parallel_manual_seed(seed, pstate.tp_rank if pstate is not None else 0)
 
 
-def _gpt_model_provider(cfg: MegatronConfig, pstate: ParallelState) -> torch.nn.Module:
-    return GPTModel(cfg, pstate)
+def _gpt_model_provider(cfg: MegatronConfig, pstate: ParallelState, **stage) -> torch.nn.Module:
+    """The whole GPTModel, or under pipeline parallelism one stage of it (pre_process, post_process,
+    layers: Megatron's model_provider arguments)."""
+    return GPTModel(cfg, pstate, **stage)
 
 
 def _train_dtype(cfg: MegatronConfig) -> torch.dtype | None:
@@ -196,14 +220,34 @@ class Trainer:
         self.cfg = cfg
         self.pstate = pstate
         self.logger = logger
-        self.module = model_provider(cfg, pstate).to(pstate.device)
+        # Under pipeline parallelism: this rank's model chunks and the schedule that runs them (no DDP:
+        # the gradients are all-reduced after the schedule, as without --overlap-grad-reduce).
+        self.pipeline: PipelineSchedule | None = None
+        if pstate.pp_size > 1:
+            chunks = [c.to(pstate.device) for c in build_model_chunks(cfg, pstate, model_provider)]
+            self.chunks = chunks
+            self.module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
+            self.pipeline = PipelineSchedule(
+                chunks, pstate, micro_batch_size=cfg.micro_batch_size, seq_length=cfg.seq_length
+            )
+        else:
+            self.module = model_provider(cfg, pstate).to(pstate.device)
+            self.chunks = [self.module]
+        # What checkpoints see: the whole model's names (global layer numbers) for this rank's parameters.
+        self.checkpoint_module = checkpoint_module(self.chunks) if self.pipeline is not None else self.module
         num_params = sum(p.numel() for p in self.module.parameters())
         logger.print(
-            f"> number of parameters on (tensor, pipeline) model parallel rank ({pstate.tp_rank}, 0): {num_params}"
+            "> number of parameters on (tensor, pipeline) model parallel rank "
+            f"({pstate.tp_rank}, {pstate.pp_rank}): {num_params}"
         )
-        forward_module = torch.compile(self.module) if cfg.compile else self.module
+        forward_module = torch.compile(self.module) if cfg.compile and self.pipeline is None else self.module
         self.ddp: DistributedDataParallel | None = None
-        if pstate.dp_size > 1:
+        # Mixture of experts: expert gradients and router state bypass DDP (None without --num-experts).
+        self.moe = MoETrainingHooks.build(cfg, pstate, self.module)
+        self.moe_losses: dict[str, torch.Tensor] | None = None
+        if pstate.dp_size > 1 and self.pipeline is None:
+            if self.moe is not None:
+                self.moe.ignore_in_ddp(forward_module)
             self.ddp = DistributedDataParallel(
                 forward_module,
                 process_group=pstate.dp_group,
@@ -237,7 +281,7 @@ class Trainer:
         timers = self.logger.timers
         timers("load-checkpoint", log_level=0).start(barrier=True)
         progress = load_checkpoint(
-            self.cfg.load, self.module, self.optimizer, self.scheduler, self.cfg, self.pstate
+            self.cfg.load, self.checkpoint_module, self.optimizer, self.scheduler, self.cfg, self.pstate
         )
         timers("load-checkpoint").stop(barrier=True)
         self.logger.log_timers(["load-checkpoint"])
@@ -266,7 +310,7 @@ class Trainer:
         save_checkpoint(
             self.cfg.save,
             self.iteration,
-            self.module,
+            self.checkpoint_module,
             self.optimizer,
             self.scheduler,
             self.cfg,
@@ -307,7 +351,7 @@ class Trainer:
         cfg, pstate = self.cfg, self.pstate
         gbs = cfg.global_batch_size
         num_samples = (
-            cfg.train_iters * gbs,
+            train_num_samples(cfg),  # a step batch schedule's steps are larger than --global-batch-size
             (cfg.train_iters // cfg.eval_interval + 1) * cfg.eval_iters * gbs,
             cfg.eval_iters * gbs,
         )
@@ -351,8 +395,14 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.pstate.device.type, dtype=self.autocast_dtype)
 
+    @staticmethod
+    def _loss_func(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Megatron's loss_func: the summed per-token loss [b, s] over the non-masked tokens. The pipeline
+        schedule applies it on the last stage."""
+        return (per_token.float() * loss_mask.float()).sum()
+
     def _micro_batch_loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """The summed per-token loss over the micro batch's non-masked tokens (Megatron's loss_func)."""
+        """The micro batch's summed loss (_loss_func) through the whole model."""
         with self._autocast():
             per_token = model(
                 batch["tokens"],
@@ -360,7 +410,7 @@ class Trainer:
                 attention_mask=batch.get("attention_mask"),
                 labels=batch["labels"],
             )  # [b, s]
-        return (per_token.float() * batch["loss_mask"].float()).sum()
+        return self._loss_func(per_token, batch["loss_mask"])
 
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.pstate.dp_size > 1:
@@ -389,21 +439,38 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.pstate.device)
         timers = self.logger.timers  # Megatron's, by --timing-log-level (level 1 and 2 ones here)
         timers("forward-backward", log_level=1).start()
-        for i, batch in enumerate(batches):
-            with self._grad_sync(last=i == n - 1):
-                timers("forward-compute", log_level=2).start()
-                loss = self._micro_batch_loss_sum(self.model, batch)
-                timers("forward-compute").stop()
-                timers("backward-compute", log_level=2).start()
-                (loss * (weights[i] * self.scaler.scale)).backward()
-                timers("backward-compute").stop()
-            loss_sum += loss.detach()
-        if self.ddp is not None and not cfg.overlap_grad_reduce:
+        if self.moe is not None:
+            # The aux losses' gradient factor: the lm loss's per micro batch (the same for all of them).
+            # Megatron: loss scale / micro batches; with --calculate-per-token-loss the global-token factor.
+            factor = float(weights[0]) if cfg.calculate_per_token_loss else 1.0 / n
+            self.moe.before_backward(factor * self.scaler.scale)
+        if self.pipeline is not None:
+            scaled = [weights[i] * self.scaler.scale for i in range(n)]
+            loss_sum = self.pipeline.forward_backward(batches, self._loss_func, scaled, self._autocast)
+        else:
+            for i, batch in enumerate(batches):
+                with self._grad_sync(last=i == n - 1):
+                    timers("forward-compute", log_level=2).start()
+                    loss = self._micro_batch_loss_sum(self.model, batch)
+                    timers("forward-compute").stop()
+                    timers("backward-compute", log_level=2).start()
+                    (loss * (weights[i] * self.scaler.scale)).backward()
+                    timers("backward-compute").stop()
+                loss_sum += loss.detach()
+        if (self.ddp is not None and not cfg.overlap_grad_reduce) or (
+            self.pipeline is not None and self.pstate.dp_size > 1
+        ):
             timers("all-grads-sync", log_level=1).start()
-            all_reduce_gradients(self.params, self.pstate)
+            all_reduce_gradients([p for p in self.params if not getattr(p, "is_expert", False)], self.pstate)
             timers("all-grads-sync").stop()
+        if self.pipeline is not None:
+            all_reduce_embedding_grads(self.chunks, self.pstate)
+        if self.moe is not None:
+            self.moe.after_backward()
         timers("forward-backward").stop()
         totals = self._dp_sum(torch.stack([loss_sum, num_tokens.sum()]))
+        if self.pipeline is not None:
+            totals = self.pipeline.broadcast_from_last_stage(totals)  # only the last stage has the loss
         lm_loss = (totals[0] / totals[1]).item()
         # Under --sequence-parallel the model's autograd already sums the replicated norms' and biases'
         # partial gradients over the TP group, so the gradients are complete here.
@@ -425,6 +492,8 @@ class Trainer:
             # Megatron's increment: the samples this step trained on (its micro batches x mbs x DP).
             self.scheduler.step(n * cfg.micro_batch_size * self.pstate.dp_size)
         self.scaler.update(found_inf=skipped)
+        if self.moe is not None:
+            self.moe_losses = self.moe.after_step(n)
         timers("optimizer").stop()
         return lm_loss, grad_norm, skipped
 
@@ -436,28 +505,41 @@ class Trainer:
         totals = torch.zeros(2, device=self.pstate.device)  # (summed loss, tokens), as Megatron's evaluate
         count = 0
         for _ in range(self.cfg.eval_iters):
-            for batch in self._next_micro_batches(data_iter, "validation"):
-                totals[0] += self._micro_batch_loss_sum(self.model, batch)
+            batches = self._next_micro_batches(data_iter, "validation")
+            if self.pipeline is not None and batches:
+                totals[0] += self.pipeline.forward_only(batches, self._loss_func, self._autocast)
+            for batch in batches:
+                if self.pipeline is None:
+                    totals[0] += self._micro_batch_loss_sum(self.model, batch)
                 totals[1] += batch["loss_mask"].float().sum()
                 count += 1
         self.model.train()
         if count == 0:
             return None
         totals = self._dp_sum(totals)
+        if self.pipeline is not None:
+            totals = self.pipeline.broadcast_from_last_stage(totals)
         return (totals[0] / totals[1]).item()
 
-    def _evaluate_and_report(self, data_iter: Iterator[Batch] | None, where: str, split: str) -> float | None:
+    def _evaluate_and_report(
+        self, data_iter: Iterator[Batch] | None, where: str, periodic: bool = False
+    ) -> float | None:
+        """Evaluate and print the box. As in Megatron, --manual-gc collects around the evaluations during
+        training only, and the final ones write no scalars after --skip-train."""
         if data_iter is None or self.cfg.eval_iters == 0:
             return None
         self.logger.pause()
-        manual_gc_before_evaluation(self.cfg)
+        if periodic:
+            manual_gc_before_evaluation(self.cfg)
         self.logger.timers("evaluate", log_level=0).start(barrier=True)
         loss = self.evaluate(data_iter)
         self.logger.timers("evaluate").stop()
         self.logger.log_timers(["evaluate"])
-        manual_gc_after_evaluation(self.cfg)
+        if periodic:
+            manual_gc_after_evaluation(self.cfg)
         if loss is not None:
-            box = self.logger.evaluation(where, loss, self.iteration, self.consumed_train_samples, split)
+            write = periodic or not self.cfg.skip_train
+            box = self.logger.evaluation(where, loss, self.iteration, self.consumed_train_samples, write)
             if box is not None:
                 self.result.log_lines.append(box)
         self.logger.resume()
@@ -482,12 +564,12 @@ class Trainer:
                 self.save()
             self.finalize_async_save(blocking=True)  # the last checkpoint is published before evaluation
         where = f"iteration {self.iteration}"
-        loss = self._evaluate_and_report(self.valid_iter, f"{where} on validation set", "validation")
+        loss = self._evaluate_and_report(self.valid_iter, f"{where} on validation set")
         if loss is not None:
             self.result.validation_losses.append((self.iteration, loss))
         if self.test_dataset is not None and cfg.eval_iters > 0:
             self.result.test_loss = self._evaluate_and_report(
-                self._iterate(self.test_dataset, 0), f"{where} on test set", "test"
+                self._iterate(self.test_dataset, 0), f"{where} on test set"
             )
         return self._finish()
 
@@ -514,6 +596,7 @@ class Trainer:
                 profiler.after(self.iteration)
             self.consumed_train_samples += self.microbatches.get_current_running_global_batch_size()
             self.result.losses.append((self.iteration, loss))
+            self.result.grad_norms.append((self.iteration, grad_norm))
             self.skipped_iterations += int(skipped)
             # With dynamic fp16 scaling an overflow is normal until the scale has come down.
             if skipped and (not math.isfinite(loss) or self.scaler.at_minimum):
@@ -530,6 +613,8 @@ class Trainer:
                 skipped=skipped,
                 params_norm=self._params_norm_if_logged(),
                 num_zeros_in_grad=self.num_zeros_in_grad,
+                moe_losses=self.moe_losses,
+                batch_size=self.microbatches.get_current_running_global_batch_size(),
             )
             if line is not None:
                 self.result.log_lines.append(line)
@@ -537,7 +622,9 @@ class Trainer:
             if consecutive_skips >= cfg.max_consecutive_skipped_iterations:
                 self._stop_non_finite(consecutive_skips)
             if self.iteration % cfg.eval_interval == 0:
-                loss = self._evaluate_and_report(self.valid_iter, f"iteration {self.iteration}", "validation")
+                loss = self._evaluate_and_report(
+                    self.valid_iter, f"iteration {self.iteration}", periodic=True
+                )
                 if loss is not None:
                     self.result.validation_losses.append((self.iteration, loss))
             # Not inside a run of non-finite iterations: the last good checkpoint must stay the latest.
@@ -562,7 +649,13 @@ class Trainer:
         return result
 
     def _params_norm_if_logged(self) -> float | None:
-        if self.cfg.log_params_norm and self.iteration % self.cfg.log_interval == 0:
+        """--log-params-norm: Megatron computes it every iteration; here only where the log line or a
+        scalar writer takes it (the same decision on every rank: the norm is a collective)."""
+        cfg = self.cfg
+        scalars = (
+            cfg.tensorboard_dir or cfg.wandb_project
+        ) and self.iteration % cfg.tensorboard_log_interval == 0
+        if cfg.log_params_norm and (self.iteration % cfg.log_interval == 0 or scalars):
             finish_param_sync(self.optimizer)
             return params_norm(self.module.parameters(), self.pstate)
         return None

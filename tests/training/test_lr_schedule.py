@@ -1,11 +1,11 @@
 """OptimizerParamScheduler: Megatron's warmup, decay (incl. WSD, inverse-square-root), weight-decay and\ndecoupled-lr values at chosen iterations, counted in samples, also against megatron-core's own scheduler."""
 
 import math
-import types
 
 import pytest
 import torch
 from helpers import tiny_flags
+from megatron_core_reference import megatron_core_reference
 
 from megatron_lite.arguments import parse_config
 from megatron_lite.core.models.gpt import GPTModel
@@ -253,50 +253,139 @@ def test_decoupled_lr_schedules_the_word_embeddings_and_output_layer(decoupled_m
 
 
 # ---- the same numbers as megatron-core's OptimizerParamScheduler -------------------------------------
-@pytest.mark.parametrize(
-    "extra",
-    [
-        "--lr-warmup-iters 7 --lr-decay-style cosine",
-        "--lr-warmup-fraction 0.13 --lr-decay-style linear --lr-decay-iters 90",
-        "--lr-warmup-iters 7 --lr-decay-style inverse-square-root",
-        "--lr-warmup-iters 7 --lr-decay-style WSD --lr-wsd-decay-iters 30 --lr-wsd-decay-style exponential",
-        "--lr-warmup-iters 7 --lr-decay-style WSD --lr-wsd-decay-iters 30 --lr-wsd-decay-style minus_sqrt",
-        "--lr-decay-style WSD --lr-wsd-decay-iters 100 --lr-wsd-decay-style cosine --lr-warmup-init 1e-5",
-        "--weight-decay-incr-style cosine --start-weight-decay 0.01 --end-weight-decay 0.2 --decoupled-lr 3e-3",
-    ],
-)
-def test_matches_megatron_core_scheduler(extra):
-    megatron_scheduler = pytest.importorskip("megatron.core.optimizer_param_scheduler")
-    sched = scheduler_for(extra)
-    cfg = parse_config(tiny_flags(**MODEL, global_batch_size=4, min_lr=1e-4, train_iters=100) + extra.split())
-    cfg.finalize(1)
-    groups = [{"params": [], "wd_mult": 1.0}, {"params": [], "wd_mult": 0.0, "max_lr": 3e-3}]
-    reference = megatron_scheduler.OptimizerParamScheduler(
-        types.SimpleNamespace(param_groups=groups),
+# Each run: flags on top of batch 4, lr 1e-3 -> --min-lr 1e-4, and --train-iters 100 unless it counts samples.
+CORE_RUNS = {
+    "constant": "--lr-warmup-iters 7 --lr-decay-style constant --lr-warmup-init 1e-5",
+    "linear": "--lr-warmup-iters 7 --lr-decay-style linear",
+    "cosine": "--lr-warmup-iters 7 --lr-decay-style cosine",
+    "linear-fraction": "--lr-warmup-fraction 0.13 --lr-decay-style linear --lr-decay-iters 90",
+    "isr": "--lr-warmup-iters 7 --lr-decay-style inverse-square-root",
+    "isr-no-warmup": "--lr-decay-style inverse-square-root --lr-decay-iters 60",
+    "wsd-exponential": "--lr-warmup-iters 7 --lr-decay-style WSD --lr-wsd-decay-iters 30 --lr-wsd-decay-style exponential",
+    "wsd-linear": "--lr-warmup-iters 7 --lr-decay-style WSD --lr-wsd-decay-iters 30 --lr-wsd-decay-style linear",
+    "wsd-cosine": "--lr-warmup-iters 7 --lr-decay-style WSD --lr-wsd-decay-iters 30 --lr-wsd-decay-style cosine",
+    "wsd-minus-sqrt": "--lr-warmup-iters 7 --lr-decay-style WSD --lr-wsd-decay-iters 30 --lr-wsd-decay-style minus_sqrt",
+    "wsd-whole-span": "--lr-decay-style WSD --lr-wsd-decay-iters 100 --lr-wsd-decay-style cosine --lr-warmup-init 1e-5",
+    "wsd-default-style": "--lr-warmup-iters 3 --lr-decay-style WSD --lr-wsd-decay-iters 10 --lr-decay-iters 80",
+    "wsd-samples": "--train-samples 400 --lr-warmup-samples 30 --lr-decay-style WSD --lr-wsd-decay-samples 101 "
+    "--lr-wsd-decay-style minus_sqrt",
+    "samples-cosine": "--train-samples 400 --lr-warmup-samples 30 --lr-decay-samples 350 --lr-decay-style cosine",
+    "wd-linear": "--weight-decay-incr-style linear --start-weight-decay 0.01 --end-weight-decay 0.2",
+    "wd-cosine": "--weight-decay-incr-style cosine --start-weight-decay 0.01 --end-weight-decay 0.2",
+    "wd-constant": "--weight-decay 0.3 --lr-decay-style cosine",
+    "wd-samples": "--train-samples 400 --weight-decay-incr-style cosine --start-weight-decay 0 --end-weight-decay 0.1",
+    "decoupled": "--lr-warmup-iters 7 --lr-decay-style cosine --decoupled-lr 3e-3 --decoupled-min-lr 2e-4",
+    "decoupled-no-min": "--lr-warmup-iters 7 --lr-decay-style WSD --lr-wsd-decay-iters 20 --decoupled-lr 3e-3",
+}  # fmt: skip
+
+
+def core_config(extra: str):
+    iters = [] if "--train-samples" in extra else ["--train-iters", "100"]
+    flags = tiny_flags(**MODEL, global_batch_size=4, min_lr=1e-4, train_iters=None) + iters + extra.split()
+    return parse_config(flags).finalize(1)
+
+
+def megatron_spans(cfg) -> dict:
+    """Megatron's get_optimizer_param_scheduler (training.py), written out: its scheduler arguments."""
+    gbs = cfg.global_batch_size
+    if cfg.train_samples is None:
+        decay = (cfg.lr_decay_iters or cfg.train_iters) * gbs
+        wd_incr = cfg.train_iters * gbs
+        wsd = cfg.lr_wsd_decay_iters * gbs if cfg.lr_wsd_decay_iters is not None else None
+        warmup_given = cfg.lr_warmup_iters * gbs
+    else:
+        decay = cfg.lr_decay_samples or cfg.train_samples
+        wd_incr = cfg.train_samples
+        wsd = cfg.lr_wsd_decay_samples
+        warmup_given = cfg.lr_warmup_samples
+    constant_wd = cfg.weight_decay_incr_style == "constant"
+    return dict(
         init_lr=cfg.lr_warmup_init,
         max_lr=cfg.lr,
         min_lr=cfg.min_lr,
-        lr_warmup_steps=sched.lr_warmup_steps,
-        lr_decay_steps=sched.lr_decay_steps,
+        lr_warmup_steps=cfg.lr_warmup_fraction * decay
+        if cfg.lr_warmup_fraction is not None
+        else warmup_given,
+        lr_decay_steps=decay,
         lr_decay_style=cfg.lr_decay_style,
-        start_wd=sched.start_wd,
-        end_wd=sched.end_wd,
-        wd_incr_steps=sched.wd_incr_steps,
+        start_wd=cfg.weight_decay if constant_wd else cfg.start_weight_decay,
+        end_wd=cfg.weight_decay if constant_wd else cfg.end_weight_decay,
+        wd_incr_steps=wd_incr,
         wd_incr_style=cfg.weight_decay_incr_style,
-        wsd_decay_steps=sched.wsd_decay_steps,
+        wsd_decay_steps=wsd,
         lr_wsd_decay_style=cfg.lr_wsd_decay_style,
     )
-    # Megatron's own spans, from its get_optimizer_param_scheduler, for this config:
-    gbs = cfg.global_batch_size
-    decay = (cfg.lr_decay_iters or cfg.train_iters) * gbs
-    warmup = (
-        cfg.lr_warmup_fraction * decay if cfg.lr_warmup_fraction is not None else cfg.lr_warmup_iters * gbs
+
+
+def megatron_groups(cfg) -> list[dict]:
+    """Megatron's param-group overrides (core.optimizer): default and no-weight-decay groups with --lr /
+    --min-lr; with --decoupled-lr an embedding/output group with it (and --decoupled-min-lr if given)."""
+    groups = [
+        {"wd_mult": 1.0, "max_lr": cfg.lr, "min_lr": cfg.min_lr},
+        {"wd_mult": 0.0, "max_lr": cfg.lr, "min_lr": cfg.min_lr},
+    ]
+    if cfg.decoupled_lr is not None:
+        decoupled = {"wd_mult": 1.0, "max_lr": cfg.decoupled_lr, "min_lr": cfg.min_lr}
+        if cfg.decoupled_min_lr is not None:
+            decoupled["min_lr"] = cfg.decoupled_min_lr
+        groups.append(decoupled)
+    return groups
+
+
+def core_increments(cfg) -> list[int]:
+    """Every iteration of the run and 30 past its end, then a few uneven steps (a ramp-up's batches)."""
+    return [cfg.global_batch_size] * (cfg.train_iters + 30) + [1, 3, 7, 2, 5]
+
+
+@pytest.fixture(scope="module")
+def core_schedules() -> dict:
+    requests = {}
+    for name, extra in CORE_RUNS.items():
+        cfg = core_config(extra)
+        requests[name] = {
+            "kind": "scheduler",
+            "kwargs": megatron_spans(cfg),
+            "groups": megatron_groups(cfg),
+            "increments": core_increments(cfg),
+        }
+    return megatron_core_reference(requests)
+
+
+@pytest.mark.parametrize("name", list(CORE_RUNS))
+def test_lr_and_wd_equal_megatron_cores_scheduler_at_every_step(name, core_schedules):
+    cfg = core_config(CORE_RUNS[name])
+    model = GPTModel(cfg) if cfg.decoupled_lr is not None else torch.nn.Linear(3, 2)
+    optimizer = build_optimizer(model, cfg)
+    sched = OptimizerParamScheduler.from_config(optimizer, cfg)
+    spans = megatron_spans(cfg)
+    assert (sched.lr_warmup_steps, sched.lr_decay_steps, sched.wsd_decay_steps, sched.wd_incr_steps) == (
+        spans["lr_warmup_steps"],
+        spans["lr_decay_steps"],
+        spans["wsd_decay_steps"],
+        spans["wd_incr_steps"],
     )
-    assert (sched.lr_decay_steps, sched.lr_warmup_steps, sched.wd_incr_steps) == (decay, warmup, 100 * gbs)
-    ours = [{"params": [], "wd_mult": 1.0}, {"params": [], "wd_mult": 0.0, "max_lr": 3e-3}]
-    sched.optimizer = types.SimpleNamespace(param_groups=ours)
-    sched.step(0)
-    for increment in [1, 3, 4, 20, 4, 100, 4, 150, 4, 160, 400]:
-        reference.step(increment)
+    # Our groups in Megatron's reference order: default (decayed), no weight decay, decoupled.
+    by_kind = {}
+    for group in optimizer.param_groups:
+        by_kind[(group["is_decoupled_lr"], group["wd_mult"])] = group
+    ours = [by_kind[(False, 1.0)], by_kind[(False, 0.0)]] + (
+        [by_kind[(True, 1.0)]] if cfg.decoupled_lr else []
+    )
+    reference = core_schedules[name]
+    got = [[[g["lr"], g["weight_decay"]] for g in ours]]
+    for increment in core_increments(cfg):
         sched.step(increment)
-        assert [(g["lr"], g["weight_decay"]) for g in ours] == [(g["lr"], g["weight_decay"]) for g in groups]
+        got.append([[g["lr"], g["weight_decay"]] for g in ours])
+    assert got == reference  # exactly: the same formulas in the same order
+    # The runs do what their flags say (a reference that never moves would pass the equality above).
+    lrs = [step[0][0] for step in reference]
+    if cfg.lr_decay_style != "constant":
+        assert max(lrs) == pytest.approx(1e-3, rel=5e-3) and lrs[-1] == pytest.approx(1e-4)
+    wds = [step[0][1] for step in reference]
+    if name == "wd-constant":
+        assert set(wds) == {0.3}
+    if cfg.decoupled_lr is not None:
+        assert max(step[2][0] for step in reference) == pytest.approx(3e-3, rel=5e-3)
+    if cfg.weight_decay_incr_style != "constant":
+        assert wds[0] == cfg.start_weight_decay and wds[-1] == cfg.end_weight_decay
+        assert len(set(wds)) > 50  # rises at every step of the run

@@ -5,6 +5,7 @@ import math
 
 import pytest
 from helpers import ONE_LAYER_RUN, tiny_flags
+from megatron_core_reference import megatron_core_reference
 from megatron_log import MEGATRON_LINE
 
 from megatron_lite.arguments import parse_config
@@ -52,20 +53,68 @@ def test_rampup_batch_sizes_follow_megatron_formula():
     assert rampup_train_iters(calc, 5000) == megatron_train_iters(5000, 16, 16, 1000, 96)
 
 
-def test_rampup_matches_megatron_core_calculator():
-    core = pytest.importorskip("megatron.core.num_microbatches_calculator")
-    for start, increment, samples, gbs, dp in [(4, 4, 100, 32, 2), (8, 8, 997, 64, 4), (2, 2, 1, 6, 1)]:
-        ours = RampupBatchsizeNumMicroBatchesCalculator(gbs, 1, dp, False, start, increment, samples)
-        theirs = core.RampupBatchsizeNumMicroBatchesCalculator(
-            gbs, 1, dp, False, 0, start, increment, samples
+# (start, increment, ramp-up samples, global batch, micro batch, DP, decrease-if-needed)
+CORE_RAMPS = [
+    (4, 4, 100, 32, 1, 2, False),
+    (8, 8, 997, 64, 1, 4, False),
+    (2, 2, 1, 6, 1, 1, False),
+    (16, 16, 1000, 96, 2, 4, False),
+    (6, 6, 30, 24, 2, 2, True),  # 6 and 18 round down to 4 and 16
+    (7, 6, 77, 43, 2, 3, True),
+]
+
+
+def core_consumed(ramp) -> list[int]:
+    """Every third sample count to twice the ramp-up, and the counts a run reaches (its running batches)."""
+    start, increment, samples, gbs, mbs, dp, decrease = ramp
+    ours = RampupBatchsizeNumMicroBatchesCalculator(gbs, mbs, dp, decrease, start, increment, samples)
+    run, consumed = [], 0
+    while consumed <= samples + gbs:
+        run.append(consumed)
+        ours.update(consumed, consistency_check=False)
+        consumed += ours.get_current_running_global_batch_size()
+    return sorted(set(range(0, 2 * samples + 50, 3)) | set(run))
+
+
+TRAIN_SAMPLES = [0, 1, 50, 100, 101, 999, 5000]
+
+
+@pytest.fixture(scope="module")
+def core_ramps() -> dict:
+    requests = {
+        str(i): {
+            "kind": "rampup",
+            "args": [gbs, mbs, dp, decrease, 0, start, increment, samples],
+            "consumed": core_consumed(ramp),
+            "train_samples": TRAIN_SAMPLES,
+        }
+        for i, ramp in enumerate(CORE_RAMPS)
+        for start, increment, samples, gbs, mbs, dp, decrease in [ramp]
+    }
+    return megatron_core_reference(requests)
+
+
+@pytest.mark.parametrize("index", range(len(CORE_RAMPS)))
+def test_rampup_equals_megatron_cores_calculator(index, core_ramps):
+    start, increment, samples, gbs, mbs, dp, decrease = CORE_RAMPS[index]
+    ours = RampupBatchsizeNumMicroBatchesCalculator(gbs, mbs, dp, decrease, start, increment, samples)
+    got = []
+    for consumed in core_consumed(CORE_RAMPS[index]):
+        ours.update(consumed, consistency_check=False)
+        got.append(
+            [ours.get(), ours.get_current_global_batch_size(), ours.get_current_running_global_batch_size()]
         )
-        for consumed in range(0, 2 * samples + 50, 3):
-            ours.update(consumed, consistency_check=False)
-            theirs.update(consumed, consistency_check=False)
-            assert (ours.get(), ours.get_current_global_batch_size()) == (
-                theirs.get(),
-                theirs.get_current_global_batch_size(),
-            )
+    reference = core_ramps[str(index)]
+    assert got == reference["batches"]
+    sizes = {batch for _, batch, _ in got}
+    assert (min(sizes), max(sizes)) == (start, gbs) and len(sizes) > 2 - (samples < 2)  # it ramps up
+    if decrease:
+        assert any(running < batch for _, batch, running in got)
+    iters = []
+    for train_samples in TRAIN_SAMPLES:
+        fresh = RampupBatchsizeNumMicroBatchesCalculator(gbs, mbs, dp, decrease, start, increment, samples)
+        iters.append(rampup_train_iters(fresh, train_samples))
+    assert iters == reference["train_iters"]
 
 
 def test_decrease_batch_size_if_needed_rounds_the_running_batch_down():

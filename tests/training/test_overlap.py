@@ -45,49 +45,77 @@ def _trainer(extra: list[str], pstate):
     return trainer
 
 
+# Two layers of h=192 (1.8 MB of fp32 gradients each): more than DDP's first 1 MB bucket, so with the overlap the
+# last layer's bucket is reduced while the backward of the layers before it is still running.
+WIDE = ["--num-layers", "2", "--hidden-size", "192", "--lr", "2e-3"]
+
+
 def _ddp_reductions(extra: list[str], pstate) -> dict:
-    """How many buckets DDP's own reducer all-reduced in one step, and what the gather left in flight."""
-    trainer = _trainer(extra, pstate)
+    """The buckets DDP's own reducer all-reduced in one step (with how many times the word embedding's gradient,
+    the last one backward computes, had been accumulated when each started), and the gathers left in flight."""
+    trainer = _trainer(WIDE + extra, pstate)
+    embedding_accumulations = [0]
+    word_embeddings = trainer.module.embedding.word_embeddings.weight
+    word_embeddings.register_post_accumulate_grad_hook(lambda p: embedding_accumulations.append(0))
     calls = []
 
     def counting_hook(state, bucket):
-        calls.append(bucket.buffer().numel())
+        calls.append(len(embedding_accumulations) - 1)
         return (
             dist.all_reduce(bucket.buffer().div_(2), async_op=True).get_future().then(lambda f: f.value()[0])
         )
 
     trainer.ddp.register_comm_hook(None, counting_hook)
+    # torch's DDP puts every gradient in one bucket for the first step and splits them by the order the
+    # first backward produced them (a 1 MB first bucket, then 25 MB): the second step shows the overlap.
     trainer.train_step(trainer._next_micro_batches(trainer.train_iter, "training"))
-    return {"buckets": len(calls), "in_flight": len(getattr(trainer.optimizer, "_pending", {}))}
+    calls.clear()
+    embedding_accumulations[1:] = []
+    trainer.train_step(trainer._next_micro_batches(trainer.train_iter, "training"))
+    return {
+        "buckets": calls,
+        "accumulations": len(embedding_accumulations) - 1,
+        "in_flight": len(getattr(trainer.optimizer, "_pending", {})),
+        "params": len(trainer.params),
+    }
 
 
-def _worker(rank: int, world_size: int) -> dict:
+def _losses_worker(rank: int, world_size: int) -> dict:
     pstate = initialize_parallel(1)
-    losses = {
-        name: [v for _, v in pretrain(parse_config(FLAGS + extra), pstate).losses]
+    return {
+        name: [v for _, v in pretrain(parse_config(FLAGS + WIDE + extra), pstate).losses]
         for name, extra in RUNS.items()
     }
+
+
+def test_overlap_switches_give_identical_losses_on_two_ranks():
+    results = run_distributed(_losses_worker, 2)
+    reference = results[0]["after-backward"]
+    assert len(reference) == 4 and reference[-1] < reference[0]
+    for losses in results:
+        for name in RUNS:
+            assert losses[name] == reference, name  # bit-identical: the same sums, only earlier
+
+
+def _timing_worker(rank: int, world_size: int) -> dict:
+    pstate = initialize_parallel(1)
     return {
-        "losses": losses,
         "off": _ddp_reductions([], pstate),
         "on": _ddp_reductions(["--overlap-grad-reduce"], pstate),
         "gather": _ddp_reductions(RUNS["overlapped-param-gather"], pstate),
     }
 
 
-def test_overlap_switches_give_identical_losses_on_two_ranks():
-    results = run_distributed(_worker, 2)
-    reference = results[0]["losses"]["after-backward"]
-    assert len(reference) == 4 and reference[-1] < reference[0]
-    for r in results:
-        for name in RUNS:
-            assert r["losses"][name] == reference, name  # bit-identical: the same sums, only earlier
-        # Off: DDP's reducer stays idle and one all-reduce follows the backward; on: DDP reduces its buckets
-        # during the last micro batch's backward.
-        assert r["off"]["buckets"] == 0 and r["on"]["buckets"] >= 1
-        # The distributed optimizer's parameter gather is still in flight when the step returns (6 params of
-        # the one-layer model per rank and more: every parameter is broadcast asynchronously).
-        assert r["gather"]["in_flight"] > 0
+def test_overlap_switches_move_the_communication_into_backward_and_forward():
+    for r in run_distributed(_timing_worker, 2):
+        # Off: DDP's reducer stays idle and all_reduce_gradients follows the backward.
+        assert r["off"]["buckets"] == [] and r["off"]["accumulations"] == 2
+        # On: DDP reduces its buckets during the last micro batch's backward; the first starts before that
+        # backward reaches the word embeddings (accumulated once, by the first micro batch, at that point).
+        assert len(r["on"]["buckets"]) >= 2 and r["on"]["buckets"][0] == 1 and r["on"]["accumulations"] == 2
+        # The distributed optimizer's parameter gather: every parameter's broadcast is still in flight when
+        # the step returns; the next forward waits for each one as its module starts.
+        assert r["gather"]["in_flight"] == r["gather"]["params"]
 
 
 @pytest.mark.parametrize(
