@@ -17,6 +17,7 @@ def main() -> int:
         device=cfg.device,
         backend=cfg.distributed_backend,
         timeout_minutes=cfg.distributed_timeout_minutes,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
     )
     try:
         pretrain(cfg, pstate)

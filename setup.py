@@ -1,5 +1,6 @@
 """Install megatron-lite: `pip install -e .` (add `[dev]` for tests and lint, `[hf]` for HuggingFace interop and
-HuggingFaceTokenizer, `[sentencepiece]` for the SentencePiece tokenizers)."""
+HuggingFaceTokenizer, `[sentencepiece]` for the SentencePiece tokenizers, `[megatron]` for the megatron-core
+reference the Megatron-LM checkpoint interop tests run against, on CPU)."""
 
 from setuptools import find_packages, setup
 
@@ -24,5 +25,7 @@ setup(
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
         "sentencepiece": ["sentencepiece>=0.1.99"],
         "wandb": ["wandb>=0.16"],
+        # 0.16.1: the newest megatron-core for Python 3.11 (0.17 needs 3.12); it imports psutil unlisted.
+        "megatron": ["megatron-core==0.16.1", "psutil>=5.9"],
     },
 )

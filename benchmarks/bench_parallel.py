@@ -1,9 +1,9 @@
-"""Training throughput of one process (2 threads) against DP=2 and TP=2 (1 thread per rank), and time in collectives.
+"""Training throughput of one process (2 threads) against DP=2, TP=2 and PP=2 (1 thread per rank), and collectives.
 
     python benchmarks/bench_parallel.py                   # cpu-small, fp32: 2 warm-up + 5 timed iterations
     python benchmarks/bench_parallel.py --iters 10 --warmup 3 --rounds 3   # median and best of 3 rounds
 
-The three layouts run one after the other in this invocation, each in freshly spawned processes over gloo on
+The four layouts run one after the other in this invocation, each in freshly spawned processes over gloo on
 127.0.0.1, with the real training step (Trainer.train_step: forward with the loss, backward with DDP's
 gradient all-reduce, clipping, AdamW). Each layout first runs its timed iterations untouched; then a
 second, instrumented model (same layout) measures the collectives for a few iterations:
@@ -16,7 +16,7 @@ second, instrumented model (same layout) measures the collectives for a few iter
 Blocking times include waiting for the other rank to arrive, as a profiler would show them.
 Timing the instrumented runs separately keeps the wrappers out of the throughput figures.
 Tokens per second count the global batch: one micro batch of 8 per model replica, so DP=2 trains 16
-samples per iteration and the others 8. On a shared machine, rerun and compare: the noise is real.
+samples per iteration and the others 8 (PP=2 as 4 micro batches of 2 through the 1F1B schedule). On a shared machine, rerun and compare: the noise is real.
 """
 
 from __future__ import annotations
@@ -44,8 +44,16 @@ from megatron_lite.training.training import Trainer, set_random_seed  # noqa: E4
 # nanoGPT's shakespeare-char shape on a byte vocabulary (as benchmarks/bench_train.py's cpu-small).
 SHAPE = dict(num_layers=6, hidden_size=384, num_attention_heads=6, seq_length=256, micro_batch_size=8)
 VOCAB = 257
-# name -> (processes, threads per process, TP size)
-LAYOUTS = {"1 proc x 2 threads": (1, 2, 1), "DP=2 x 1 thread": (2, 1, 1), "TP=2 x 1 thread": (2, 1, 2)}
+# name -> (processes, threads per process, TP size, PP size)
+LAYOUTS = {
+    "1 proc x 2 threads": (1, 2, 1, 1),
+    "DP=2 x 1 thread": (2, 1, 1, 1),
+    "TP=2 x 1 thread": (2, 1, 2, 1),
+    "PP=2 x 1 thread": (2, 1, 1, 2),
+}
+# PP=2 trains the same 8 samples per iteration as 4 micro batches of 2 (1F1B needs several to fill the
+# pipeline; with one micro batch a stage would idle half of each step).
+PP_MICRO_BATCH = 2
 COLLECTIVES = (
     "all_reduce",
     "all_gather_single",
@@ -100,10 +108,14 @@ class CollectiveTimer:
         self.blocking_calls = self.ddp_buckets = 0
 
 
-def build_trainer(tp: int, world_size: int, timer: CollectiveTimer | None = None) -> Trainer:
+def build_trainer(tp: int, world_size: int, timer: CollectiveTimer | None = None, pp: int = 1) -> Trainer:
+    shape = dict(SHAPE)
+    if pp > 1:
+        shape.update(micro_batch_size=PP_MICRO_BATCH, global_batch_size=SHAPE["micro_batch_size"])
     cfg = MegatronConfig(
-        **SHAPE,
+        **shape,
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         lr=6e-4,
@@ -111,7 +123,7 @@ def build_trainer(tp: int, world_size: int, timer: CollectiveTimer | None = None
         mock_data=True,
         peak_tflops=1.0,  # no peak measurement: MFU is not reported here
     ).finalize(world_size=world_size, vocab_size=VOCAB)
-    pstate = initialize_parallel(tp)
+    pstate = initialize_parallel(tp, pipeline_model_parallel_size=pp)
     set_random_seed(cfg.seed, pstate)
     trainer = Trainer(cfg, pstate, TrainingLogger(cfg, pstate, print_fn=lambda _: None), GPTModel)
     if timer is not None and trainer.ddp is not None:
@@ -165,13 +177,15 @@ def all_reduce_seconds(trainer: Trainer, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def worker(rank: int, world_size: int, tp: int, threads: int, port: int, args: argparse.Namespace, out: str):
+def worker(
+    rank: int, world_size: int, tp: int, pp: int, threads: int, port: int, args: argparse.Namespace, out: str
+):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
     os.environ["WORLD_SIZE"] = str(world_size)
     torch.set_num_threads(threads)
     if world_size > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    trainer = build_trainer(tp, world_size)
+    trainer = build_trainer(tp, world_size, pp=pp)
     times = iteration_times(trainer, args.iters, args.warmup)
     gbs = trainer.cfg.global_batch_size
     del trainer
@@ -179,7 +193,7 @@ def worker(rank: int, world_size: int, tp: int, threads: int, port: int, args: a
     collectives = None
     if world_size > 1:
         timer.install()
-        trainer = build_trainer(tp, world_size, timer)
+        trainer = build_trainer(tp, world_size, timer, pp=pp)
         timed = iteration_times(trainer, args.profile_iters, 1, on_warm=timer.reset)
         n = args.profile_iters
         collectives = {
@@ -205,13 +219,13 @@ def free_port() -> int:
 
 
 def run_layout(name: str, args: argparse.Namespace) -> dict:
-    procs, threads, tp = LAYOUTS[name]
+    procs, threads, tp, pp = LAYOUTS[name]
     # Spawned ranks read OMP_NUM_THREADS when torch starts; set_num_threads in the worker makes it exact.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
         mp.start_processes(
-            worker, args=(procs, tp, threads, free_port(), args, out), nprocs=procs, start_method="spawn"
+            worker, args=(procs, tp, pp, threads, free_port(), args, out), nprocs=procs, start_method="spawn"
         )
         return torch.load(out, weights_only=True)
 
@@ -230,7 +244,7 @@ def main() -> None:
         "--rounds",
         type=int,
         default=1,
-        help="Run the three layouts this many times, in turn, and also report the best round (default 1).",
+        help="Run the four layouts this many times, in turn, and also report the best round (default 1).",
     )
     args = parser.parse_args()
     shape = ", ".join(f"{k}={v}" for k, v in SHAPE.items())

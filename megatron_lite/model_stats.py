@@ -54,7 +54,8 @@ def build_sizing_config(argv: list[str] | None = None) -> tuple[MegatronConfig, 
     unfused = namespace.pop("sizing_unfused_attention", False)
     cfg = config_from_namespace(namespace)
 
-    tp = cfg.tensor_model_parallel_size
+    # A model replica spans TP x PP ranks.
+    tp = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
     if dp is not None and dp < 1:
         fail(f"--data-parallel-size must be >= 1, got {dp}")
     if world is not None and world < 1:
@@ -62,7 +63,7 @@ def build_sizing_config(argv: list[str] | None = None) -> tuple[MegatronConfig, 
     if world is not None and dp is not None and world != dp * tp:
         fail(
             f"--world-size {world} does not equal --data-parallel-size {dp} x "
-            f"--tensor-model-parallel-size {tp}; give one of the two"
+            f"--tensor-model-parallel-size x --pipeline-model-parallel-size {tp}; give one of the two"
         )
     world_size = world if world is not None else (dp or 1) * tp
 
@@ -80,8 +81,10 @@ def build_sizing_config(argv: list[str] | None = None) -> tuple[MegatronConfig, 
     if cfg.vocab_size is None:
         from megatron_lite.tokenizer import build_tokenizer
 
-        tokenizer_type = cfg.tokenizer_type or "GPT2BPETokenizer"
-        vocab_size = build_tokenizer(tokenizer_type, cfg.vocab_file, cfg.merge_file).vocab_size
+        if cfg.tokenizer_type is None and cfg.vocab_file is None and cfg.merge_file is None:
+            vocab_size = build_tokenizer("GPT2BPETokenizer").vocab_size
+        else:
+            vocab_size = build_tokenizer(cfg).vocab_size  # --tokenizer-model etc. as training reads them
     return cfg.finalize(world_size=world_size, vocab_size=vocab_size), unfused
 
 
@@ -312,7 +315,8 @@ def format_report(cfg: MegatronConfig, stats: ModelStats) -> str:
         f"positions {cfg.position_embedding_type}, seq {cfg.seq_length}, "
         f"vocab {cfg.vocab_size} padded to {cfg.padded_vocab_size}, "
         f"{'untied' if cfg.untie_embeddings_and_output_weights else 'tied'} embeddings",
-        f"layout: {cfg.world_size} rank{'s' if cfg.world_size > 1 else ''} = TP {tp} x DP {dp}; micro batch {cfg.micro_batch_size}, "
+        f"layout: {cfg.world_size} rank{'s' if cfg.world_size > 1 else ''} = TP {tp} x DP {dp}"
+        f"{f' x PP {cfg.pipeline_model_parallel_size}' if cfg.pipeline_model_parallel_size > 1 else ''}; micro batch {cfg.micro_batch_size}, "
         f"global batch {cfg.global_batch_size}; {precision}; sequence parallel "
         f"{'on' if cfg.sequence_parallel else 'off'}; distributed optimizer "
         f"{'on' if cfg.use_distributed_optimizer else 'off'}; recompute {recompute}",
@@ -369,5 +373,11 @@ def _mb(num_bytes: float) -> str:
 def model_stats_main(argv: list[str] | None = None) -> int:
     """Entry point of tools/model_stats.py."""
     cfg, unfused = build_sizing_config(argv)
-    print(format_report(cfg, compute_stats(cfg, unfused_attention=unfused)), flush=True)
+    stats = compute_stats(cfg, unfused_attention=unfused)
+    report = format_report(cfg, stats)
+    if cfg.pipeline_model_parallel_size > 1:
+        from megatron_lite.model_stats_pipeline import format_pipeline_report
+
+        report += "\n" + format_pipeline_report(cfg, stats)
+    print(report, flush=True)
     return 0

@@ -1,4 +1,4 @@
-"""Process groups for tensor and data parallelism, built from torchrun's environment."""
+"""Process groups for tensor, data and pipeline parallelism, built from torchrun's environment."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from megatron_lite.errors import fail
 
 @dataclass
 class ParallelState:
-    """Where this process sits in the (dp, tp) grid; TP ranks are adjacent, as in Megatron."""
+    """Where this process sits in the (pp, dp, tp) grid; in Megatron's rank order TP ranks are adjacent,
+    then DP, then PP (rank = tp_rank + tp * (dp_rank + dp * pp_rank))."""
 
     rank: int = 0
     world_size: int = 1
@@ -25,6 +26,11 @@ class ParallelState:
     dp_size: int = 1
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
+    pp_rank: int = 0
+    pp_size: int = 1
+    pp_group: dist.ProcessGroup | None = None
+    # The first and last pipeline stage at this (dp, tp) place: they hold the tied word embeddings.
+    embedding_group: dist.ProcessGroup | None = None
     mesh: DeviceMesh | None = None
     device: torch.device = torch.device("cpu")
 
@@ -40,6 +46,14 @@ class ParallelState:
     @property
     def is_first_rank(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_pipeline_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_pipeline_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
 
 
 def pick_device(choice: str = "auto") -> torch.device:
@@ -59,15 +73,17 @@ def initialize_parallel(
     device: str = "auto",
     backend: str | None = None,
     timeout_minutes: float = 10.0,
+    pipeline_model_parallel_size: int = 1,
 ) -> ParallelState:
-    """Join the process group torchrun describes (if any) and build the (dp, tp) mesh."""
+    """Join the process group torchrun describes (if any) and build the (pp, dp, tp) mesh."""
     torch_device = pick_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1 and not dist.is_initialized():
-        if tensor_model_parallel_size != 1:
+        if tensor_model_parallel_size * pipeline_model_parallel_size != 1:
             fail(
-                f"--tensor-model-parallel-size {tensor_model_parallel_size} needs that many processes; "
-                f"launch with torchrun --nproc_per_node={tensor_model_parallel_size}"
+                f"--tensor-model-parallel-size {tensor_model_parallel_size} x --pipeline-model-parallel-size "
+                f"{pipeline_model_parallel_size} needs that many processes; launch with torchrun "
+                f"--nproc_per_node={tensor_model_parallel_size * pipeline_model_parallel_size}"
             )
         return ParallelState(device=torch_device)
     if backend == "nccl" and torch_device.type != "cuda":
@@ -83,13 +99,18 @@ def initialize_parallel(
             **_restart_store(timeout),
         )
     world_size = dist.get_world_size()
-    tp = tensor_model_parallel_size
-    if world_size % tp != 0:
-        fail(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}")
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    if world_size % (tp * pp) != 0:
+        fail(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp}"
+        )
+    dp = world_size // (tp * pp)
+    # Row-major over (pp, dp, tp): Megatron's order, TP fastest.
     mesh = init_device_mesh(
         torch_device.type,
-        (world_size // tp, tp),
-        mesh_dim_names=("dp", "tp"),
+        (pp, dp, tp),
+        mesh_dim_names=("pp", "dp", "tp"),
         backend_override=_subgroup_timeouts(dist.get_backend(), timeout),
     )
     return ParallelState(
@@ -98,9 +119,13 @@ def initialize_parallel(
         tp_rank=mesh.get_local_rank("tp"),
         tp_size=tp,
         dp_rank=mesh.get_local_rank("dp"),
-        dp_size=world_size // tp,
+        dp_size=dp,
         tp_group=mesh["tp"].get_group(),
         dp_group=mesh["dp"].get_group(),
+        pp_rank=mesh.get_local_rank("pp"),
+        pp_size=pp,
+        pp_group=mesh["pp"].get_group(),
+        embedding_group=_embedding_group(mesh, timeout) if pp > 1 else None,
         mesh=mesh,
         device=torch_device,
     )
@@ -136,7 +161,23 @@ def _subgroup_timeouts(backend: str, timeout: datetime.timedelta) -> dict[str, t
     else:
         return None
     options._timeout = timeout
-    return {"dp": (backend, options), "tp": (backend, options)}
+    return {"pp": (backend, options), "dp": (backend, options), "tp": (backend, options)}
+
+
+def _embedding_group(mesh: DeviceMesh, timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """Megatron's embedding group of this rank: the first and last pipeline stage at its (dp, tp) place.
+
+    Every rank creates every group (new_group is collective), in the same order.
+    """
+    ranks = mesh.mesh  # [pp, dp, tp] global ranks
+    mine = None
+    for d in range(ranks.shape[1]):
+        for t in range(ranks.shape[2]):
+            members = [int(ranks[0, d, t]), int(ranks[-1, d, t])]
+            group = dist.new_group(members, timeout=timeout)
+            if dist.get_rank() in members:
+                mine = group
+    return mine
 
 
 def destroy_parallel() -> None:

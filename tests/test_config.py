@@ -114,7 +114,7 @@ def test_finalize_twice_gives_the_same_config():
         (
             "--pipeline-model-parallel-size 2",
             1,
-            "--pipeline-model-parallel-size 2: pipeline parallelism is not implemented yet (issue 13)",
+            "world size 1 is not divisible by --tensor-model-parallel-size 1 x --pipeline-model-parallel-size 2",
         ),
         (
             "--group-query-attention --num-query-groups 3",

@@ -113,7 +113,11 @@ _BY_DEST: dict[str, Policy] = {
     "align_param_gather": _switch("no effect: the distributed optimizer gathers parameters after its step"),
     "manual_gc_eval": _switch("garbage is collected around evaluation as around training with --manual-gc"),
     "data_parallel_random_init": _refused("--data-parallel-random-init is not implemented"),
-    "rope_type": _refused("YaRN RoPE scaling is not implemented", "rope"),
+    "rope_type": _refused(
+        "Megatron's non-MLA attention supports only --rope-type rope (it asserts); YaRN for gpt-oss comes "
+        "with --enable-gpt-oss",
+        "rope",
+    ),
     "use_persistent_ckpt_worker": _switch(
         "the --async-save writer is a thread of each rank (torch.distributed.checkpoint.async_save); there is no "
         "worker process to keep"
@@ -125,11 +129,6 @@ _BY_DEST: dict[str, Policy] = {
     "disable_bf16_reduced_precision_matmul": _switch(
         "no effect: megatron-lite leaves torch's bf16 GEMM reduction setting at its default"
     ),
-    "quick_geglu": _refused("gpt-oss's quick GeGLU activation is not implemented"),
-    "glu_linear_offset": _refused("gpt-oss's GLU offset is not implemented"),
-    "activation_func_clamp_value": _refused("gpt-oss's activation clamp is not implemented"),
-    "softmax_type": _refused("gpt-oss's learnable / off-by-one softmax is not implemented", "vanilla"),
-    "window_attn_skip_freq": _refused("gpt-oss's alternating sliding-window layers are not implemented"),
     "pad_vocab_size": _switch("no effect"),
     "train_sync_interval": _GPU_MEMORY,
     "tp_comm_overlap": _TE_OVERLAP,

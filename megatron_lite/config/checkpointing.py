@@ -22,6 +22,15 @@ class CheckpointArgs:
     finetune: bool = _f(False, "Load only the weights; start at iteration 0.", group="checkpointing")
     ckpt_format: str = _f("torch_dist", "Checkpoint format.", choices=["torch_dist"], group="checkpointing")
     exit_on_missing_checkpoint: bool = _f(False, "Exit if --load has no checkpoint.", group="checkpointing")
+    use_checkpoint_args: bool = _f(
+        False,
+        "Take the model's settings (sizes, norms, position embedding, tokenizer) from the --load checkpoint's "
+        "args, as Megatron-LM's load_args_from_checkpoint does.",
+        group="checkpointing",
+    )
+    use_mp_args_from_checkpoint_args: bool = _f(
+        False, "With --use-checkpoint-args, take the TP size from the checkpoint too.", group="checkpointing"
+    )
     save_keep_last: int | None = _f(None, "Keep only the newest K checkpoints.", group="checkpointing")
     save_retain_interval: int | None = _f(
         None,

@@ -83,7 +83,9 @@ class LoggingArgs:
         "offline unless WANDB_MODE is set).",
         group="logging",
     )
-    wandb_exp_name: str | None = _f(None, "The wandb run name.", group="logging")
+    wandb_exp_name: str | None = _f(
+        None, "The wandb run name (required with --wandb-project).", group="logging"
+    )
     wandb_save_dir: str | None = _f(
         None, "Directory for wandb's files (default SAVE/wandb).", group="logging"
     )
@@ -148,10 +150,11 @@ def check_run(cfg: Any) -> None:
 
 def _check_logging_and_switches(cfg: Any) -> None:
     """What Megatron asserts about the timing, wandb, exit-signal and run-time settings, as one line each."""
-    if cfg.wandb_project is not None:
-        if cfg.wandb_exp_name == "":
-            fail("--wandb-exp-name is empty; give the wandb run a name or leave the flag out")
-        if cfg.wandb_save_dir is None and cfg.save is None:
+    if cfg.wandb_project:  # Megatron's default '' means no wandb, as does leaving the flag out
+        if not cfg.wandb_exp_name:
+            # Megatron refuses a run without a name ("Please specify the wandb experiment name!").
+            fail("--wandb-project needs --wandb-exp-name NAME, the wandb run's name (as in Megatron)")
+        if not cfg.wandb_save_dir and not cfg.save:
             fail("--wandb-project needs --wandb-save-dir DIR (or --save, whose wandb/ folder is the default)")
     if cfg.manual_gc_interval < 0:
         fail(f"--manual-gc-interval must be >= 0, got {cfg.manual_gc_interval}")

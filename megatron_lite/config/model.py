@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from megatron_lite.config.fields import _f, fail, flag_name, require
+from megatron_lite.config.moe_checks import derive_moe, parse_list_expression
 
 
 @dataclass
@@ -77,6 +79,36 @@ class ModelArgs:
     openai_gelu: bool = _f(
         False, "GELU's tanh approximation (OpenAI's) instead of the exact erf GELU.", group="model"
     )
+    quick_geglu: bool = _f(
+        False,
+        "gpt-oss's gated MLP: quick_gelu(gate) * (up + offset), quick_gelu(x) = x sigmoid(1.702 x).",
+        group="model",
+    )
+    glu_linear_offset: float = _f(
+        0.0, "Offset added to a gated MLP's linear half: act(gate) * (up + offset).", group="model"
+    )
+    activation_func_clamp_value: float | None = _f(
+        None, "Clamp a gated MLP's inputs: gate to <= V, up to [-V, V] (gpt-oss: 7.0).", group="model"
+    )
+    softmax_type: str = _f(
+        "vanilla",
+        "Attention softmax: vanilla, off-by-one (a zero logit in every denominator) or learnable (a learned "
+        "logit per head, gpt-oss's attention sinks).",
+        choices=["vanilla", "off-by-one", "learnable"],
+        group="model",
+    )
+    window_attn_skip_freq: str | int | list[int] | None = _f(
+        None,
+        "Which layers use --window-size: N (every N-th layer is full attention) or a pattern such as "
+        "[1,1,1,0]*3 (1 = sliding window), parsed without eval.",
+        group="model",
+    )
+    enable_gpt_oss: bool = _f(
+        False,
+        "gpt-oss's RoPE: YaRN with factor 32, original max positions 131072, beta fast 32 / slow 1, "
+        "unrounded correction range (Megatron's ModelOpt builder's constants).",
+        group="model",
+    )
     attention_dropout: float = _f(0.1, "Dropout on attention probabilities.", group="model")
     hidden_dropout: float = _f(0.1, "Dropout on the embeddings and on each residual branch.", group="model")
     init_method_std: float = _f(
@@ -86,6 +118,78 @@ class ModelArgs:
         128, "Pad the vocabulary to a multiple of this times the TP size.", group="model"
     )
     vocab_size: int | None = _f(None, "Vocabulary size (default: the tokenizer's).", group="model")
+    # ---- mixture of experts (issue 14); Megatron's dests and defaults --------------------------------
+    num_experts: int | None = _f(None, "Number of routed experts of each MoE layer (None: no MoE).", group="moe")
+    moe_ffn_hidden_size: int | None = _f(
+        None, "Each routed expert's ffn hidden size (default: --ffn-hidden-size).", group="moe"
+    )
+    moe_layer_freq: str | int | list[int] = _f(
+        1,
+        "MoE layers among the layers: N (every N-th layer, from the first) or a pattern such as "
+        "([0]*1+[1]*3) (1 = MoE), parsed without eval.",
+        group="moe",
+    )
+    moe_router_topk: int = _f(2, "Experts each token is routed to.", group="moe")
+    moe_router_score_function: str = _f(
+        "softmax", "Router score function.", choices=["softmax", "sigmoid"], group="moe"
+    )
+    moe_router_pre_softmax: bool = _f(False, "Softmax over all experts before the top-k.", group="moe")
+    moe_router_topk_scaling_factor: float | None = _f(
+        None, "Factor on the top-k routing probabilities.", group="moe"
+    )
+    moe_router_num_groups: int | None = _f(None, "Expert groups of group-limited routing.", group="moe")
+    moe_router_group_topk: int | None = _f(None, "Groups each token may use (group-limited routing).", group="moe")
+    moe_router_dtype: str | None = _f(
+        None, "Router logits and combine in fp32/fp64 (default: the input dtype).", choices=["fp32", "fp64"],
+        group="moe",
+    )
+    moe_router_load_balancing_type: str | list[str] = _f(
+        "aux_loss",
+        "Load-balancing loss(es) of the router.",
+        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"],
+        nargs="+",
+        group="moe",
+    )
+    moe_aux_loss_coeff: float | list[float] = _f(
+        0.0, "Coefficient(s) of the load-balancing loss(es).", nargs="+", group="moe"
+    )
+    moe_z_loss_coeff: float | None = _f(None, "Coefficient of the router z-loss.", group="moe")
+    moe_router_enable_expert_bias: bool = _f(
+        False, "Aux-loss-free balancing: a per-expert routing bias updated each step (sigmoid).", group="moe"
+    )
+    moe_router_bias_update_rate: float = _f(1e-3, "Step of the expert-bias update.", group="moe")
+    moe_expert_capacity_factor: float | None = _f(
+        None, "Expert capacity factor; tokens beyond capacity are dropped (None: dropless).", group="moe"
+    )
+    moe_pad_expert_input_to_capacity: bool = _f(
+        False, "Pad every expert's input to its capacity (needs a capacity factor).", group="moe"
+    )
+    moe_token_drop_policy: str = _f(
+        "probs", "Which tokens beyond capacity are dropped.", choices=["probs", "position"], group="moe"
+    )
+    moe_shared_expert_intermediate_size: int | None = _f(
+        None, "Total ffn size of the shared experts (None: no shared expert).", group="moe"
+    )
+    moe_shared_expert_gate: bool = _f(
+        False, "A sigmoid gate on the shared experts' output (Qwen2-MoE style).", group="moe"
+    )
+    moe_grouped_gemm: bool = _f(
+        False, "Run the local experts as one grouped GEMM (torch._grouped_mm) instead of a loop.", group="moe"
+    )
+    moe_token_dispatcher_type: str = _f(
+        "allgather", "How tokens reach their experts' ranks.", choices=["allgather", "alltoall"], group="moe"
+    )
+    moe_per_layer_logging: bool = _f(False, "Log the MoE losses of every layer too.", group="moe")
+    expert_model_parallel_size: int = _f(1, "Expert-parallel size (experts split over ranks).", group="moe")
+    expert_tensor_parallel_size: int | None = _f(
+        None, "Tensor-parallel size inside each expert (default: --tensor-model-parallel-size).", group="moe"
+    )
+
+    @property
+    def gated_linear_unit(self) -> bool:
+        """Whether the MLP is gated (fc1 outputs [gate; up]): --swiglu or --quick-geglu, as Megatron's
+        TransformerConfig.gated_linear_unit."""
+        return bool(self.swiglu or self.quick_geglu)
 
 
 def derive_model(cfg: Any) -> None:
@@ -150,6 +254,8 @@ def derive_model(cfg: Any) -> None:
     if cfg.use_rope_scaling and cfg.rope_scaling_factor <= 0:
         fail(f"--rope-scaling-factor must be positive, got {cfg.rope_scaling_factor}")
     cfg.window_size = parse_window_size(cfg.window_size)
+    derive_gpt_oss_switches(cfg)
+    derive_moe(cfg)
 
 
 def parse_window_size(value: Any) -> tuple[int, int] | None:
@@ -170,3 +276,71 @@ def parse_window_size(value: Any) -> tuple[int, int] | None:
     if left < -1:
         fail(f"--window-size {left},{right}: left must be >= 0, or -1 for an unlimited window")
     return (left, right)
+
+
+def derive_gpt_oss_switches(cfg: Any) -> None:
+    """gpt-oss's architecture switches, checked as Megatron's validate_args and TransformerConfig check them."""
+    if cfg.quick_geglu and (cfg.swiglu or cfg.squared_relu):
+        fail("--quick-geglu picks the MLP's activation; give it without --swiglu or --squared-relu")
+    clamp = cfg.activation_func_clamp_value
+    if clamp is not None and cfg.swiglu:
+        # TransformerConfig's rules for a clamped SwiGLU (a clamped quick GeGLU has none).
+        if not math.isfinite(clamp) or clamp <= 0:
+            fail(f"--activation-func-clamp-value {clamp}: with --swiglu it must be finite and positive")
+        if not cfg.num_experts:
+            fail("--activation-func-clamp-value with --swiglu needs MoE (--num-experts), as in Megatron")
+        if cfg.glu_linear_offset != 0.0:
+            fail("--glu-linear-offset must be 0 with --swiglu and --activation-func-clamp-value (Megatron)")
+    if cfg.window_attn_skip_freq is not None:
+        if cfg.window_size is None:
+            fail("--window-attn-skip-freq picks which layers use --window-size; give --window-size too")
+        cfg.window_attn_skip_freq = parse_window_attn_skip_freq(cfg.window_attn_skip_freq, cfg.num_layers)
+    if cfg.enable_gpt_oss:
+        if cfg.position_embedding_type != "rope":
+            fail(
+                "--enable-gpt-oss switches RoPE to gpt-oss's YaRN: it needs --position-embedding-type rope, "
+                f"got {cfg.position_embedding_type}"
+            )
+        if cfg.rotary_interleaved:
+            fail("--enable-gpt-oss: YaRN RoPE does not support --rotary-interleaved (as Megatron)")
+        if cfg.rotary_percent != 1.0:
+            fail("--enable-gpt-oss: YaRN RoPE rotates every channel; --rotary-percent must be 1.0")
+        if cfg.use_rope_scaling or cfg.rotary_seq_len_interpolation_factor is not None:
+            fail(
+                "--enable-gpt-oss: YaRN RoPE takes the place of --use-rope-scaling and "
+                "--rotary-seq-len-interpolation-factor; drop them"
+            )
+
+
+def parse_window_attn_skip_freq(value: Any, num_layers: int) -> int | list[int]:
+    """--window-attn-skip-freq as Megatron's moe_freq_type reads it: an int N (layer numbers 1, 2, ... that
+    are multiples of N are full attention), or a list expression such as "[1,1,1,0]*3" with one 0/1 per
+    layer (1 = sliding window), parsed without eval."""
+    flag = "--window-attn-skip-freq"
+    if isinstance(value, list):
+        pattern = [int(v) for v in value]
+    elif isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+        freq = int(value)
+        if freq < 1:
+            fail(f"{flag} {value}: an integer frequency must be >= 1")
+        return freq
+    else:
+        pattern = parse_list_expression(str(value), flag)
+    if any(v not in (0, 1) for v in pattern):
+        fail(f"{flag} {value}: the pattern may only hold 1 (sliding window) and 0 (full attention)")
+    if len(pattern) != num_layers:
+        fail(f"{flag} {value}: the pattern has {len(pattern)} entries but --num-layers is {num_layers}")
+    return pattern
+
+
+def is_layer_window_attention(cfg: Any, layer_number: int) -> bool:
+    """Whether layer `layer_number` (0-based, as our layers count) uses --window-size: Megatron's
+    is_layer_window_attention, which counts layers from 1."""
+    if not cfg.window_size:
+        return False
+    freq = cfg.window_attn_skip_freq
+    if freq is None:
+        return True
+    if isinstance(freq, int):
+        return (layer_number + 1) % freq != 0
+    return bool(freq[layer_number])

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_lite.config.fields import _f, fail
+from megatron_lite.config.fields import _f, fail, flag_name
 
 
 @dataclass
@@ -14,6 +14,30 @@ class ParallelArgs:
     """Parallel layout settings: tensor, pipeline, sequence parallelism, recompute, backend."""
 
     tensor_model_parallel_size: int = _f(1, "Tensor-parallel size.", group="parallel")
+    pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size (stages).", group="parallel")
+    num_layers_per_virtual_pipeline_stage: int | None = _f(
+        None, "Layers per virtual pipeline stage (interleaved 1F1B).", group="parallel"
+    )
+    num_virtual_stages_per_pipeline_rank: int | None = _f(
+        None, "Virtual pipeline stages (model chunks) per pipeline rank (interleaved 1F1B).", group="parallel"
+    )
+    decoder_first_pipeline_num_layers: int | None = _f(
+        None, "Transformer layers on the first pipeline stage (default: an even split).", group="parallel"
+    )
+    decoder_last_pipeline_num_layers: int | None = _f(
+        None, "Transformer layers on the last pipeline stage (default: an even split).", group="parallel"
+    )
+    account_for_embedding_in_pipeline_split: bool = _f(
+        False, "Count the embedding as one layer when splitting layers over stages.", group="parallel"
+    )
+    account_for_loss_in_pipeline_split: bool = _f(
+        False,
+        "Count the loss (output layer) as one layer when splitting layers over stages.",
+        group="parallel",
+    )
+    virtual_pipeline_model_parallel_size: int | None = _f(
+        None, "Model chunks per pipeline rank (None: not interleaved).", derived=True
+    )
     sequence_parallel: bool = _f(
         False, "Shard activations outside the TP region along the sequence.", group="parallel"
     )
@@ -85,7 +109,8 @@ def derive_parallel(cfg: Any) -> None:
         fail(f"--tensor-model-parallel-size must be >= 1, got {tp}")
     if cfg.world_size % tp != 0:
         fail(f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size {tp}")
-    cfg.data_parallel_size = cfg.world_size // tp
+    derive_pipeline(cfg)
+    cfg.data_parallel_size = cfg.world_size // (tp * cfg.pipeline_model_parallel_size)
     if cfg.overlap_param_gather and not cfg.use_distributed_optimizer:
         fail("--overlap-param-gather needs --use-distributed-optimizer")
     if cfg.overlap_param_gather and not cfg.overlap_grad_reduce:
@@ -147,4 +172,76 @@ def _derive_recompute_modules(cfg: Any) -> None:
             fail(
                 f"--recompute-modules {name} is not one of Megatron's submodules; megatron-lite recomputes "
                 f"{', '.join(RECOMPUTE_MODULES)}"
+            )
+
+
+def derive_pipeline(cfg: Any) -> None:
+    """Megatron's pipeline checks: the world holds TP x PP, the layers split over the (virtual) stages."""
+    from megatron_lite.core.pipeline_parallel.layers import PipelineSplit
+
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    if pp < 1:
+        fail(f"--pipeline-model-parallel-size must be >= 1, got {pp}")
+    if cfg.world_size % (tp * pp) != 0:
+        fail(
+            f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp}"
+        )
+    per_stage, stages = cfg.num_layers_per_virtual_pipeline_stage, cfg.num_virtual_stages_per_pipeline_rank
+    if per_stage is not None and stages is not None:
+        fail(
+            "give only one of --num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank"
+        )
+    uneven = (
+        cfg.decoder_first_pipeline_num_layers is not None or cfg.decoder_last_pipeline_num_layers is not None
+    )
+    for name in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
+        value = getattr(cfg, name)
+        if value is not None and (pp == 1 or value < 0):
+            fail(f"{flag_name(name)} {value} needs --pipeline-model-parallel-size > 1 and a count >= 0")
+    cfg.virtual_pipeline_model_parallel_size = None
+    if per_stage is not None:
+        if uneven:
+            fail(
+                "--num-layers-per-virtual-pipeline-stage cannot be combined with an uneven split; give "
+                "--num-virtual-stages-per-pipeline-rank"
+            )
+        slots = (
+            cfg.num_layers
+            + cfg.account_for_embedding_in_pipeline_split
+            + cfg.account_for_loss_in_pipeline_split
+        )
+        if per_stage < 1 or slots % pp != 0 or (slots // pp) % per_stage != 0:
+            fail(
+                f"--num-layers-per-virtual-pipeline-stage {per_stage} does not divide the {slots / pp:g} layers "
+                f"of each of the --pipeline-model-parallel-size {pp} stages"
+            )
+        cfg.virtual_pipeline_model_parallel_size = slots // pp // per_stage
+    elif stages is not None:
+        if stages < 1:
+            fail(f"--num-virtual-stages-per-pipeline-rank must be >= 1, got {stages}")
+        cfg.virtual_pipeline_model_parallel_size = stages
+    if cfg.virtual_pipeline_model_parallel_size == 1 or pp == 1:
+        cfg.virtual_pipeline_model_parallel_size = None
+    if pp > 1:
+        for name in ("overlap_grad_reduce", "overlap_param_gather", "compile"):
+            if getattr(cfg, name):
+                fail(
+                    f"{flag_name(name)} with --pipeline-model-parallel-size {pp}: pipeline parallelism with "
+                    "it is not implemented yet (issue 13)"
+                )
+    if pp > 1 or cfg.virtual_pipeline_model_parallel_size is not None:
+        problem = PipelineSplit.from_config(cfg).problem()
+        if problem is not None:
+            fail(problem)
+    if cfg.virtual_pipeline_model_parallel_size is not None:
+        # Megatron's interleaved schedule takes micro batches in groups of PP (its default
+        # --microbatch-group-size-per-virtual-stage); a remainder group would stall the pipeline.
+        dp = cfg.world_size // (tp * pp)
+        global_batch = cfg.global_batch_size or cfg.micro_batch_size * dp
+        micro_batches = global_batch // (cfg.micro_batch_size * dp)
+        if cfg.rampup_batch_size is None and micro_batches % pp != 0:
+            fail(
+                f"interleaved pipeline parallelism needs the micro batches per step ({micro_batches}) to be a "
+                f"multiple of --pipeline-model-parallel-size {pp}"
             )

@@ -62,6 +62,13 @@ def convert_main(argv: list[str]) -> int:
             f"exported iteration {result.iteration} of {args.load} as {result.architecture} "
             f"({result.dtype}, vocabulary {result.vocab_size}) to {result.save_dir}"
         )
+        if result.tokenizer_files:
+            print(f"tokenizer: {result.tokenizer_type} ({', '.join(result.tokenizer_files)})")
+        elif result.tokenizer_type is not None:
+            print(
+                f"tokenizer: {result.tokenizer_type} has no HuggingFace tokenizer files, so none were written; "
+                "config.json names it in megatron_lite_tokenizer_type"
+            )
         return 0
     from megatron_lite.convert.hf_import import import_from_hf
 

@@ -13,6 +13,7 @@ from types import ModuleType
 import torch
 
 from megatron_lite.config import MegatronConfig
+from megatron_lite.config.fields import flag_name
 from megatron_lite.convert import gpt2, llama, mistral, qwen3
 from megatron_lite.convert.common import TensorSource, require_hf, sliding_window
 from megatron_lite.errors import fail
@@ -38,6 +39,8 @@ class ExportResult:
     save_dir: Path
     vocab_size: int
     dtype: str
+    tokenizer_type: str | None = None
+    tokenizer_files: tuple[str, ...] = ()  # the HF tokenizer files written (none for most classes)
 
 
 def export_to_hf(
@@ -51,8 +54,10 @@ def export_to_hf(
     Qwen3ForCausalLM (--qk-layernorm) or MistralForCausalLM (--window-size).
 
     save_dir gets config.json and model.safetensors with the true (unpadded) vocabulary, plus the
-    tokenizer files for GPT-2 BPE. The directory appears whole or not at all. Options the target
-    architecture cannot express raise a UserError naming the option; nothing is written then.
+    tokenizer files for GPT-2 BPE and HuggingFaceTokenizer (the other classes have none; config.json
+    names the class in megatron_lite_tokenizer_type). The directory appears whole or not at all.
+    Options the target architecture cannot express raise a UserError naming the option; nothing is
+    written then.
     """
     transformers, safetensors_torch = require_hf()
     if dtype not in DTYPES:
@@ -77,6 +82,7 @@ def export_to_hf(
     family.check_exportable(cfg, transformers)
     tokenizer_files = _tokenizer_files(cfg)
     eos = _eos_id(cfg)
+    hf_tokenizer = _hf_tokenizer(cfg)
 
     src = TensorSource(read_full_tensors(load_dir, iteration), f"checkpoint {load_dir} iteration {iteration}")
     weights = family.weights_to_hf(src, cfg)
@@ -88,14 +94,21 @@ def export_to_hf(
     config = family.hf_config(cfg, transformers, dtype=dtype, eos=eos, extra=extra)
     _write_atomically(
         save_dir,
-        lambda tmp: _write(tmp, config, weights, DTYPES[dtype], safetensors_torch, cfg, tokenizer_files),
+        lambda tmp: _write(
+            tmp, config, weights, DTYPES[dtype], safetensors_torch, cfg, tokenizer_files, hf_tokenizer
+        ),
     )
-    return ExportResult(family.HF_ARCHITECTURE, iteration, save_dir, cfg.vocab_size, dtype)
+    model_files = {"config.json", "generation_config.json", "model.safetensors"}
+    written = tuple(sorted(p.name for p in save_dir.iterdir() if p.name not in model_files))
+    return ExportResult(
+        family.HF_ARCHITECTURE, iteration, save_dir, cfg.vocab_size, dtype, cfg.tokenizer_type, written
+    )
 
 
 def _family_of(cfg: MegatronConfig) -> ModuleType:
     """The HF architecture a model's norm and position embedding pick (and, for RMSNorm with rope, its q/k
     norms or sliding window); other mixes have none."""
+    _refuse_gpt_oss_switches(cfg)
     pos, norm = cfg.position_embedding_type, cfg.normalization
     if pos == "learned_absolute" and norm == "LayerNorm":
         return gpt2
@@ -110,6 +123,29 @@ def _family_of(cfg: MegatronConfig) -> ModuleType:
     )
 
 
+# gpt-oss's switches: of HF's architectures only GptOssForCausalLM has them, and it is not an export target
+# (MoE-only, experts in its own fused layout); GPT-2, Llama, Qwen3 and Mistral have none of them.
+_GPT_OSS_SWITCHES = {
+    "quick_geglu": False,
+    "glu_linear_offset": 0.0,
+    "activation_func_clamp_value": None,
+    "softmax_type": "vanilla",
+    "window_attn_skip_freq": None,
+    "enable_gpt_oss": False,
+}
+
+
+def _refuse_gpt_oss_switches(cfg: MegatronConfig) -> None:
+    for name, default in _GPT_OSS_SWITCHES.items():
+        value = getattr(cfg, name, default)
+        if value != default:
+            shown = "" if isinstance(value, bool) else f" {value}"
+            fail(
+                f"cannot export: {flag_name(name)}{shown} is set, but none of the HuggingFace architectures "
+                "exported here (GPT-2, Llama, Qwen3, Mistral) has it"
+            )
+
+
 def _eos_id(cfg: MegatronConfig) -> int | None:
     """The end-of-document id generation stops at, when the tokenizer is known and inside the vocabulary."""
     if cfg.tokenizer_type is None:
@@ -122,6 +158,15 @@ def _eos_id(cfg: MegatronConfig) -> int | None:
     except UserError as err:
         fail(f"cannot rebuild the tokenizer the checkpoint was trained with: {err}")
     return eod if 0 <= eod < cfg.vocab_size else None
+
+
+def _hf_tokenizer(cfg: MegatronConfig) -> object | None:
+    """The transformers tokenizer of a HuggingFaceTokenizer run, saved with the model as it is (same ids)."""
+    if cfg.tokenizer_type != "HuggingFaceTokenizer":
+        return None
+    from megatron_lite.tokenizer import build_tokenizer
+
+    return build_tokenizer(cfg).tokenizer  # type: ignore[attr-defined]
 
 
 def _tokenizer_files(cfg: MegatronConfig) -> dict[str, Path]:
@@ -149,8 +194,11 @@ def _write(
     safetensors_torch: ModuleType,
     cfg: MegatronConfig,
     tokenizer_files: dict[str, Path],
+    hf_tokenizer: object | None = None,
 ) -> None:
     config.save_pretrained(directory)
+    if hf_tokenizer is not None:
+        hf_tokenizer.save_pretrained(str(directory))  # type: ignore[attr-defined]
     # clone(): safetensors refuses tensors that share storage (q, k and v are views of one fused weight).
     tensors = {name: tensor.detach().to(dtype).contiguous().clone() for name, tensor in weights.items()}
     safetensors_torch.save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})

@@ -56,7 +56,8 @@ def generate_main(argv: list[str] | None = None) -> int:
         fail("the prompt is empty; give --prompt TEXT or pipe text on stdin")
     model, _, tokenizer = load_model_for_inference(args.load, device=pick_device(args.device))
     prompt_ids = tokenizer.encode(prompt)
-    decoder = IncrementalDecoder(tokenizer)
+    # The prompt is context: the first new token's leading space (SentencePiece, NullTokenizer) is kept.
+    decoder = IncrementalDecoder(tokenizer, context=prompt_ids)
     out = sys.stdout
 
     def emit(token: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 REPLACEMENT = "\ufffd"
@@ -15,30 +16,45 @@ class IncrementalDecoder:
     relies on: an incomplete character at the end always decodes to exactly one U+FFFD, and more
     bytes only ever change that last character. So everything before a trailing U+FFFD is final and
     is released at once; the trailing one waits for the next token. Whenever the text decodes
-    cleanly to its end, the tokens so far end on a character boundary and are dropped, so each push
-    decodes only the few tokens since then. The concatenated output equals decode(all tokens).
+    cleanly to its end, the tokens so far end on a character boundary and become context.
+
+    New tokens are decoded after the last CONTEXT tokens (initially the tail of `context`, e.g. the
+    prompt) and only the text beyond the context's own decoding is released: SentencePiece drops a
+    piece's leading space when it starts the decoded text, and NullTokenizer joins ids with spaces, so
+    a token decoded alone would lose the space before it. The concatenated output equals
+    decode(context + tokens) less decode(context).
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    CONTEXT = 4
+
+    def __init__(self, tokenizer: Any, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.pending: list[int] = []
-        self.released = 0  # characters of decode(pending) already returned
+        self._set_context(list(context))
+
+    def _set_context(self, ids: list[int]) -> None:
+        self.context = ids[-self.CONTEXT :]
+        self.base = len(self.tokenizer.decode(self.context)) if self.context else 0
+        self.released = 0  # characters of the pending tokens' text already returned
 
     def push(self, token: int) -> str:
         """Add one token; return the text that became final ("" while a character is still partial)."""
         self.pending.append(token)
-        text = self.tokenizer.decode(self.pending)
+        text = self.tokenizer.decode(self.context + self.pending)
         final = len(text) - 1 if text.endswith(REPLACEMENT) else len(text)
-        out = text[self.released : final]
-        self.released = max(self.released, final)
+        start = self.base + self.released
+        out = text[start:final] if final > start else ""
+        self.released = max(self.released, final - self.base)
         if final == len(text):
-            self.pending = []
-            self.released = 0
+            ids, self.pending = self.context + self.pending, []
+            self._set_context(ids)
         return out
 
     def flush(self) -> str:
         """Whatever is still held back, decoded as it is."""
-        text = self.tokenizer.decode(self.pending)[self.released :] if self.pending else ""
+        text = ""
+        if self.pending:
+            text = self.tokenizer.decode(self.context + self.pending)[self.base + self.released :]
         self.pending = []
-        self.released = 0
+        self._set_context([])
         return text

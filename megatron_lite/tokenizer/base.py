@@ -55,11 +55,18 @@ class TextTokenizer:
 
 
 def require_file(path: str, flag: str, what: str) -> str:
-    """`path` if it is a file; else one line naming the flag."""
+    """`path` if it is a file this process can read; else one line naming the flag."""
     if os.path.isdir(path):
         fail(f"{flag} {path}: a directory, not {what}")
     if not os.path.isfile(path):
         fail(f"{flag} {path}: file not found; give {what}")
+    try:
+        # Opening is the only reliable test (os.access says yes to root, and ACLs or network file systems
+        # may differ); the libraries would otherwise fail later with a traceback or a misleading message.
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        fail(f"{flag} {path}: cannot be read ({err.strerror or err}); give {what} this user can read")
     return path
 
 

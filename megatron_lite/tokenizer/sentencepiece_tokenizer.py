@@ -1,4 +1,4 @@
-"""Megatron's SentencePiece tokenizers: GPTSentencePieceTokenizer, Llama2Tokenizer and SentencePieceTokenizer."""
+"""Megatron's SentencePieceTokenizer, and the SentencePiece model loading all three SentencePiece classes share."""
 
 from __future__ import annotations
 
@@ -24,61 +24,6 @@ def load_sentencepiece(model_file: str, tokenizer: str) -> Any:
         fail(
             f"--tokenizer-model {model_file}: not a SentencePiece model ({str(err).strip() or type(err).__name__})"
         )
-
-
-class GPTSentencePieceTokenizer(TextTokenizer):
-    """The model's pieces as they are: ids = sp.encode_as_ids(text), eod = the model's eos (`</s>`)."""
-
-    name = "GPTSentencePieceTokenizer"
-
-    def __init__(self, model_file: str) -> None:
-        self.model_file = model_file
-        self.sp = load_sentencepiece(model_file, self.name)
-        self.bos = self.sp.bos_id()
-        self.eos = self.sp.eos_id()
-        self.pad = self.sp.pad_id()
-        if self.eos < 0:
-            fail(
-                f"--tokenizer-model {model_file}: the model has no eos piece, which {self.name} uses as the "
-                "end-of-document token; train it with an eos_id"
-            )
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.sp)
-
-    @property
-    def eod(self) -> int:
-        return self.eos
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode_as_ids(text)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        # One call for the whole batch; one thread, since preprocessing already runs a process per core.
-        return self.sp.encode(list(texts), num_threads=1) if len(texts) else []
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self.sp.decode_ids(self.in_vocab(ids))
-
-
-class Llama2Tokenizer(GPTSentencePieceTokenizer):
-    """Llama-2's SentencePiece use: every text starts with bos (`<s>`); eod = eos (`</s>`)."""
-
-    name = "Llama2Tokenizer"
-
-    def __init__(self, model_file: str) -> None:
-        super().__init__(model_file)
-        if self.bos < 0:
-            fail(
-                f"--tokenizer-model {model_file}: the model has no bos piece, which {self.name} puts before every text"
-            )
-
-    def encode(self, text: str) -> list[int]:
-        return [self.bos, *self.sp.encode(text)]
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [[self.bos, *ids] for ids in super().encode_batch(texts)]
 
 
 class SentencePieceTokenizer(TextTokenizer):

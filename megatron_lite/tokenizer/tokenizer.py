@@ -102,12 +102,18 @@ def _build(name: str, s: SimpleNamespace) -> Tokenizer:
         from megatron_lite.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
 
         return HuggingFaceTokenizer(s.tokenizer_model, s.trust_remote_code, s.vocab_file, s.merge_file)
-    if name in ("GPTSentencePieceTokenizer", "Llama2Tokenizer", "SentencePieceTokenizer"):
-        from megatron_lite.tokenizer import sentencepiece_tokenizer as sp
+    if name == "GPTSentencePieceTokenizer":
+        from megatron_lite.tokenizer.gpt_sentencepiece_tokenizer import GPTSentencePieceTokenizer
 
-        if name == "SentencePieceTokenizer":
-            return sp.SentencePieceTokenizer(s.tokenizer_model, s.vocab_extra_ids)
-        return getattr(sp, name)(s.tokenizer_model)
+        return GPTSentencePieceTokenizer(s.tokenizer_model)
+    if name == "Llama2Tokenizer":
+        from megatron_lite.tokenizer.llama2_tokenizer import Llama2Tokenizer
+
+        return Llama2Tokenizer(s.tokenizer_model)
+    if name == "SentencePieceTokenizer":
+        from megatron_lite.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
+
+        return SentencePieceTokenizer(s.tokenizer_model, s.vocab_extra_ids)
     if name == "TikTokenizer":
         from megatron_lite.tokenizer.tiktoken_tokenizer import TikTokenizer
 

@@ -26,9 +26,23 @@ def num_floating_point_operations(cfg: MegatronConfig, batch_size: int) -> float
     a, g = cfg.num_attention_heads, cfg.num_query_groups
     query_ratio = a * cfg.kv_channels / h
     attention = (1 + g / a + s / h) * query_ratio
-    mlp = (cfg.ffn_hidden_size / h) * (1.5 if cfg.swiglu else 1.0)
+    mlp = (_mlp_width(cfg) / h) * (1.5 if cfg.swiglu else 1.0)
     logits = cfg.padded_vocab_size / (2 * layers * h)
     return 12.0 * batch_size * s * layers * h * h * (attention + mlp + logits)
+
+
+def _mlp_width(cfg: MegatronConfig) -> float:
+    """The ffn width a token passes through per layer, averaged over layers: dense layers' ffn, MoE
+    layers' top-k routed experts plus the shared experts (active parameters only, as Megatron counts;
+    the router's small GEMM is not counted)."""
+    if getattr(cfg, "num_experts", None) is None:
+        return cfg.ffn_hidden_size
+    from megatron_lite.config.moe_checks import parse_moe_layer_freq
+
+    pattern = parse_moe_layer_freq(cfg.moe_layer_freq, cfg.num_layers)
+    moe_fraction = sum(pattern) / cfg.num_layers
+    moe = cfg.moe_ffn_hidden_size * cfg.moe_router_topk + (cfg.moe_shared_expert_intermediate_size or 0)
+    return cfg.ffn_hidden_size * (1 - moe_fraction) + moe * moe_fraction
 
 
 def flops_per_token(cfg: MegatronConfig) -> float:

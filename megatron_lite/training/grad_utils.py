@@ -1,4 +1,4 @@
-"""Gradient norm and clipping that are correct under tensor parallelism, and fp16 loss scaling."""
+"""Gradient norm and clipping that are correct under tensor and pipeline parallelism, and fp16 loss scaling."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ def _is_tp_sharded(param: torch.nn.Parameter) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
+def _is_not_shared(param: torch.nn.Parameter) -> bool:
+    """False for the last pipeline stage's copy of the tied word embeddings: the first stage's counts."""
+    return not getattr(param, "shared", False)
+
+
 def _norm_squared(
     sharded: list[torch.Tensor], replicated: list[torch.Tensor], pstate: ParallelState
 ) -> torch.Tensor:
@@ -31,7 +36,11 @@ def _norm_squared(
     sharded_sq, replicated_sq = totals
     if pstate.tp_size > 1:
         dist.all_reduce(sharded_sq, group=pstate.tp_group)
-    return sharded_sq + replicated_sq
+    total = sharded_sq + replicated_sq
+    if pstate.pp_size > 1:
+        # Each stage holds different layers: their squares add up.
+        dist.all_reduce(total, group=pstate.pp_group)
+    return total
 
 
 def grad_norm_squared(
@@ -43,12 +52,35 @@ def grad_norm_squared(
     TP group; replicated parameters hold the same gradient on every TP rank and are counted once.
     Gradients are already identical across DP ranks (DDP averaged them), so DP needs no reduction.
     """
-    params = [p for p in parameters if p.grad is not None]
+    params = [p for p in parameters if p.grad is not None and _is_not_shared(p)]
+    experts = [p for p in params if _is_expert(p)]
+    params = [p for p in params if not _is_expert(p)]
+    pstate = pstate or ParallelState()
     return _norm_squared(
         [p.grad for p in params if _is_tp_sharded(p)],
         [p.grad for p in params if not _is_tp_sharded(p)],
-        pstate or ParallelState(),
-    )
+        pstate,
+    ) + _expert_norm_squared(experts, [p.grad for p in experts], pstate)
+
+
+def _is_expert(param: torch.nn.Parameter) -> bool:
+    return bool(getattr(param, "is_expert", False))
+
+
+def _expert_norm_squared(
+    params: list[torch.nn.Parameter], tensors: list[torch.Tensor], pstate: ParallelState
+) -> torch.Tensor:
+    """Routed experts (MoE): each slice of each expert lives on one rank of the expert-TP x EP group, so
+    their squares are summed over that group (and over pipeline stages)."""
+    if not params:
+        return torch.zeros((), dtype=torch.float32, device=pstate.device)
+    group = getattr(params[0], "expert_norm_group", None)
+    total = torch.stack(torch._foreach_norm([t.float() for t in tensors])).square().sum()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(total, group=group)
+    if getattr(pstate, "pp_size", 1) > 1:
+        dist.all_reduce(total, group=pstate.pp_group)
+    return total
 
 
 def micro_batch_loss_weights(
@@ -111,12 +143,15 @@ def _buckets(tensors: list[torch.Tensor], bucket_numel: int) -> Iterable[list[to
 
 def params_norm(parameters: Iterable[torch.nn.Parameter], pstate: ParallelState | None = None) -> float:
     """L2 norm of the full model's parameters (--log-params-norm), counting TP shards the same way."""
-    params = list(parameters)
+    params = [p for p in parameters if _is_not_shared(p)]
+    experts = [p for p in params if _is_expert(p)]
+    params = [p for p in params if not _is_expert(p)]
+    pstate = pstate or ParallelState()
     squared = _norm_squared(
         [p.detach() for p in params if _is_tp_sharded(p)],
         [p.detach() for p in params if not _is_tp_sharded(p)],
-        pstate or ParallelState(),
-    )
+        pstate,
+    ) + _expert_norm_squared(experts, [p.detach() for p in experts], pstate)
     return math.sqrt(squared.item())
 
 

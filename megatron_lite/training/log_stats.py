@@ -60,7 +60,9 @@ def count_zeros_in_grad(
     """
     pstate = pstate or ParallelState()
     grads = [
-        (p.grad, bool(getattr(p, "tensor_model_parallel", False))) for p in parameters if p.grad is not None
+        (p.grad, bool(getattr(p, "tensor_model_parallel", False)))
+        for p in parameters
+        if p.grad is not None and not getattr(p, "shared", False)  # a tied copy counts on the first stage
     ]
     counts = torch.zeros(2, dtype=torch.int64, device=pstate.device)  # (sharded, replicated)
     for grad, sharded in grads:
@@ -69,4 +71,6 @@ def count_zeros_in_grad(
         sharded = counts[:1].clone()
         dist.all_reduce(sharded, group=pstate.tp_group)
         counts[0] = sharded[0]
+    if pstate.pp_size > 1:  # each pipeline stage holds its own layers
+        dist.all_reduce(counts, group=pstate.pp_group)
     return torch.tensor(float(counts.sum().item()), dtype=torch.float32).item()

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.config import MegatronConfig
+from megatron_lite.core.pipeline_parallel.flops_share import stage_flops_share
 from megatron_lite.errors import UserError, fail
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training.flops import device_peak_flops, num_floating_point_operations
@@ -125,7 +126,6 @@ class TrainingLogger:
             barrier_with_L1_time=cfg.barrier_with_L1_time,
             print_fn=self.print,
         )
-        self.flops_per_iteration = num_floating_point_operations(cfg, cfg.global_batch_size)
         self.peak_flops: float | None = None
         if self.is_logging_rank:
             self.peak_flops, source = device_peak_flops(
@@ -203,6 +203,7 @@ class TrainingLogger:
     # ---- training ------------------------------------------------------------------------------
     def _reset_interval(self) -> None:
         self._loss_sum = 0.0
+        self._moe_sums: dict[str, float] = {}
         self._advanced = 0
         self._skipped = 0
         self._nan = 0
@@ -220,8 +221,20 @@ class TrainingLogger:
         skipped: bool,
         params_norm: float | None = None,
         num_zeros_in_grad: float | None = None,
+        batch_size: int | None = None,
+        moe_losses: dict[str, torch.Tensor] | None = None,
     ) -> str | None:
-        """Record one iteration; on log-interval iterations print the console line and return it."""
+        """Record one iteration; on log-interval iterations print the console line and return it.
+
+        `moe_losses`: this step's MoE losses per layer (load_balancing_loss, z_loss, ...); as Megatron, the
+        line shows each summed over layers / MoE layers and averaged over the interval, TensorBoard gets
+        it every iteration (and per layer as moe/NAME_layer_I with --moe-per-layer-logging).
+
+        `batch_size` is the samples this iteration trained on (Megatron's mbs x DP x micro batches, which
+        --rampup-batch-size makes smaller than --global-batch-size at first; default the latter): the
+        `batch-size` scalar, the line's `global batch size` and the throughput use it, as in Megatron.
+        """
+        batch_size = self.cfg.global_batch_size if batch_size is None else batch_size
         self._iterations += 1
         if skipped:
             self._skipped += 1
@@ -230,16 +243,32 @@ class TrainingLogger:
             self._advanced += 1
             self._loss_sum += loss
         cfg = self.cfg
+        if moe_losses:
+            self._record_moe_losses(iteration, moe_losses)
         if self.writers.active and iteration % cfg.tensorboard_log_interval == 0:
             self._tensorboard_step(
-                iteration, consumed_samples, learning_rate, loss, grad_norm, loss_scale, skipped, params_norm,
-                num_zeros_in_grad,
+                iteration, consumed_samples, learning_rate, loss, grad_norm, loss_scale, batch_size,
+                params_norm, num_zeros_in_grad,
             )  # fmt: skip
         if iteration % cfg.log_interval != 0:
             return None
         return self._log_interval(
-            iteration, consumed_samples, learning_rate, grad_norm, loss_scale, params_norm, num_zeros_in_grad
-        )
+            iteration, consumed_samples, learning_rate, grad_norm, loss_scale, batch_size, params_norm,
+            num_zeros_in_grad,
+        )  # fmt: skip
+
+    def _record_moe_losses(self, iteration: int, moe_losses: dict[str, torch.Tensor]) -> None:
+        from megatron_lite.core.transformer.moe.training import num_moe_layers
+
+        layers = num_moe_layers(self.cfg)
+        for name, per_layer in moe_losses.items():
+            value = float(per_layer.sum()) / layers
+            self._moe_sums[name] = self._moe_sums.get(name, 0.0) + value
+            if self.writers.active:
+                self._scalar(name, value, iteration)
+                if self.cfg.moe_per_layer_logging:
+                    for i, layer_value in enumerate(per_layer.tolist()):
+                        self._scalar(f"moe/{name}_layer_{i}", layer_value, iteration)
 
     def _tensorboard_step(
         self,
@@ -249,7 +278,7 @@ class TrainingLogger:
         loss: float,
         grad_norm: float | None,
         loss_scale: float,
-        skipped: bool,
+        batch_size: int,
         params_norm: float | None,
         num_zeros_in_grad: float | None,
     ) -> None:
@@ -257,9 +286,9 @@ class TrainingLogger:
         cfg = self.cfg
         self.writers.wandb_only({"samples vs steps": consumed}, iteration)
         self._scalar("learning-rate", learning_rate, iteration, consumed)
-        self._scalar("batch-size", cfg.global_batch_size, iteration, consumed)
-        if not skipped:
-            self._scalar("lm loss", loss, iteration, consumed)
+        self._scalar("batch-size", batch_size, iteration, consumed)
+        # The iteration's loss even when the step was skipped (Megatron's loss_dict has it either way).
+        self._scalar("lm loss", loss, iteration, consumed)
         if cfg.log_loss_scale_to_tensorboard:
             self._scalar("loss-scale", loss_scale, iteration, consumed)
         if cfg.log_world_size_to_tensorboard:
@@ -270,9 +299,9 @@ class TrainingLogger:
             self._scalar("num-zeros", num_zeros_in_grad, iteration, consumed)
         if params_norm is not None:
             self._scalar("params-norm", params_norm, iteration, consumed)
-        if cfg.log_memory_to_tensorboard:
+        if cfg.log_memory_to_tensorboard:  # TensorBoard only, as in Megatron
             for tag, value in memory_stats(self.pstate.device).items():
-                self._scalar(tag, value, iteration)
+                self.writers.tensorboard_only(tag, value, iteration)
 
     def _log_interval(
         self,
@@ -281,6 +310,7 @@ class TrainingLogger:
         learning_rate: float,
         grad_norm: float | None,
         loss_scale: float,
+        batch_size: int,
         params_norm: float | None,
         num_zeros_in_grad: float | None,
     ) -> str | None:
@@ -288,10 +318,12 @@ class TrainingLogger:
         seconds = self._interval_seconds()
         iterations = max(1, self._iterations)
         per_iteration = seconds / iterations
-        tokens_per_second = (
-            cfg.global_batch_size * cfg.seq_length / per_iteration if per_iteration > 0 else 0.0
-        )
-        flops_per_rank = self.flops_per_iteration / per_iteration / world if per_iteration > 0 else 0.0
+        tokens_per_second = batch_size * cfg.seq_length / per_iteration if per_iteration > 0 else 0.0
+        flops = num_floating_point_operations(cfg, batch_size)
+        flops_per_rank = flops / per_iteration / world if per_iteration > 0 else 0.0
+        # TFLOP/s and MFU of this (logging) rank: under pipeline parallelism, the FLOPs of its own stage.
+        stage_share = stage_flops_share(cfg, flops, batch_size, self.pstate.pp_rank)
+        stage_flops_per_rank = flops_per_rank * stage_share * self.pstate.pp_size
         mean_loss = self._loss_sum / max(1, self._advanced)
         line = None
         if self.is_logging_rank:
@@ -303,8 +335,11 @@ class TrainingLogger:
                 consumed_samples=consumed_samples,
                 elapsed_ms=per_iteration * 1000.0,
                 learning_rate=learning_rate,
-                global_batch_size=cfg.global_batch_size,
-                losses={"lm loss": mean_loss},
+                global_batch_size=batch_size,
+                losses={
+                    "lm loss": mean_loss,
+                    **{name: total / max(1, self._advanced) for name, total in self._moe_sums.items()},
+                },
                 loss_scale=loss_scale,
                 grad_norm=grad_norm,
                 skipped_iterations=self._skipped,
@@ -312,8 +347,8 @@ class TrainingLogger:
                 megatron_tflops_per_gpu=flops_per_rank / 1e12 if cfg.log_throughput else None,
                 tokens_per_second=tokens_per_second,
                 tokens_per_second_per_rank=tokens_per_second / world if world > 1 else None,
-                tflops=flops_per_rank / 1e12,
-                mfu=flops_per_rank / self.peak_flops if self.peak_flops else None,
+                tflops=stage_flops_per_rank / 1e12,
+                mfu=stage_flops_per_rank / self.peak_flops if self.peak_flops else None,
                 params_norm=params_norm,
                 num_zeros_in_grad=num_zeros_in_grad,
             )
@@ -332,17 +367,23 @@ class TrainingLogger:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluation(
-        self, where: str, loss: float, iteration: int, consumed_samples: int, split: str = "validation"
+        self, where: str, loss: float, iteration: int, consumed_samples: int, write: bool = True
     ) -> str | None:
-        """Print the dashed box for an evaluation; write `lm loss {split}` (and its ppl with
-        --log-validation-ppl-to-tensorboard)."""
+        """Print the dashed box for an evaluation and (with `write`) the scalar `lm loss validation`, plus
+        its ppl with --log-validation-ppl-to-tensorboard (TensorBoard only).
+
+        As in Megatron the tags are the same for the validation and the test set (the box says which), and
+        the evaluations after --skip-train write nothing.
+        """
         if not self.is_logging_rank:
             return None
         box = format_validation_box(where, {"lm loss": loss})
         self._print(box)
-        self._scalar(f"lm loss {split}", loss, iteration, consumed_samples)
-        if self.cfg.log_validation_ppl_to_tensorboard:
-            self._scalar(f"lm loss {split} ppl", math.exp(min(20.0, loss)), iteration, consumed_samples)
+        if write:
+            self._scalar("lm loss validation", loss, iteration, consumed_samples)
+            if self.cfg.log_validation_ppl_to_tensorboard:
+                ppl = math.exp(min(20.0, loss))
+                self.writers.tensorboard_only("lm loss validation ppl", ppl, iteration, consumed_samples)
         return box
 
     def close(self) -> None:

@@ -103,6 +103,15 @@ class ScalarWriters:
         if self.wandb is not None:
             self.wandb.log({tag: value}, iteration)
 
+    def tensorboard_only(
+        self, tag: str, value: float, iteration: int, consumed_samples: int | None = None
+    ) -> None:
+        """What Megatron writes to TensorBoard alone (the mem-* values, the validation ppl)."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar(tag, value, iteration)
+            if consumed_samples is not None:
+                self.tensorboard.add_scalar(f"{tag} vs samples", value, consumed_samples)
+
     def wandb_only(self, values: dict[str, float], iteration: int) -> None:
         if self.wandb is not None:
             self.wandb.log(values, iteration)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import netrc
 import os
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlparse
 
 from megatron_lite.errors import fail
 
@@ -24,16 +27,30 @@ def import_wandb() -> Any:
     return wandb
 
 
-class WandbWriter:
-    """One wandb run on the logging rank, logged with the iteration as wandb's step.
+def wandb_mode(env: Mapping[str, str] | None = None, netrc_file: str | None = None) -> str:
+    """WANDB_MODE when set; else online when wandb has credentials (WANDB_API_KEY, or `wandb login`'s
+    netrc entry for its host), as Megatron's runs are; else offline, since without them an online run
+    cannot start (the run stays in the save directory for `wandb sync`)."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_MODE"):
+        return env["WANDB_MODE"]
+    if env.get("WANDB_API_KEY"):
+        return "online"
+    host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if host and netrc.netrc(netrc_file).authenticators(host):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
 
-    Offline unless the user set WANDB_MODE (compute nodes often have no network): the run stays in
-    --wandb-save-dir and `wandb sync DIR` uploads it later.
-    """
+
+class WandbWriter:
+    """One wandb run on the logging rank, logged with the iteration as wandb's step (mode: wandb_mode)."""
 
     def __init__(self, cfg: Any, save_dir: str, config: dict[str, Any]) -> None:
         wandb = import_wandb()
-        self.mode = os.environ.get("WANDB_MODE", "offline")
+        self.mode = wandb_mode()
         kwargs: dict[str, Any] = {
             "dir": save_dir,
             "name": cfg.wandb_exp_name,

@@ -22,6 +22,8 @@ DEVIATIONS = {
     "exit_duration_in_mins": "float: a superset of Megatron's int",
     "eval_interval": "core_v0.15.0's default 1000 (main's None turns periodic evaluation off)",
     "window_size": "a str parsed once in validation ('L,R', '(L,R)'); Megatron's type is its tuple_type function",
+    "window_attn_skip_freq": "an int or a list-expression str parsed once in validation (no eval); Megatron's "
+    "type is its moe_freq_type function",
     "exit_signal": "the signal's name as a str (same choices); Megatron converts it to a signal.Signals",
     "no_save_optim": "False, not None: the same for a store_true flag",
     "no_save_rng": "False, not None: the same for a store_true flag",
@@ -121,8 +123,8 @@ def test_exit_signal_takes_its_value():
             "--fp8-format hybrid: FP8/FP4 training needs Transformer Engine on a GPU",
         ),
         (
-            ["--pipeline-model-parallel-size", "2"],
-            "--pipeline-model-parallel-size 2: pipeline parallelism is not implemented yet (issue 13)",
+            ["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|tL"],
+            "--pipeline-model-parallel-layout Et|tL: this pipeline-parallel option is not implemented yet (issue 13)",
         ),
         (
             ["--context-parallel-size", "4"],
@@ -156,7 +158,6 @@ def test_parallel_sizes_of_one_are_accepted_silently():
     )
     assert cfg.startup_notices == []
     assert cfg.megatron_args == {
-        "pipeline_model_parallel_size": 1,
         "context_parallel_size": 1,
         "expert_model_parallel_size": 1,
     }

@@ -71,3 +71,33 @@ def test_missing_transformers_is_one_line(monkeypatch, hf_dir):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(UserError, match=r"needs the 'transformers' package.*megatron-lite\[hf\]"):
         build_tokenizer("HuggingFaceTokenizer", tokenizer_model=hf_dir)
+
+
+def test_hub_name_already_in_the_local_cache_loads_offline(hf_dir, tmp_path, monkeypatch):
+    # A hub name resolves through the HuggingFace cache layout (models--org--name/refs/main ->
+    # snapshots/<commit>/), with the network off.
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--megatron-lite-tests--tiny"
+    shutil.copytree(hf_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    # A model repository has its config.json too; AutoTokenizer reads it (offline, it must be cached).
+    (repo / "snapshots" / commit / "config.json").write_text('{"model_type": "gpt2"}')
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(
+        socket.socket, "connect", lambda self, address: pytest.fail(f"network use: {address}")
+    )
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model="megatron-lite-tests/tiny")
+    ref = transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    text = SENTENCES[0]
+    assert (tok.vocab_size, tok.eod, tok.encode(text)) == (len(ref), ref.eos_token_id, ref(text).input_ids)
+    # The same name with the cache moved away: the one-line "not in the local cache" error, no download.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(
+        UserError, match="megatron-lite-tests/tiny: not a local directory and not in the local"
+    ):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model="megatron-lite-tests/tiny")

@@ -37,3 +37,11 @@ def test_eod_and_pad_flags():
 def test_user_errors(options, text, message):
     with pytest.raises(UserError, match=message):
         build_tokenizer("NullTokenizer", **options).encode(text)
+
+
+def test_streamed_generation_keeps_the_separating_spaces():
+    from megatron_lite.inference import IncrementalDecoder
+
+    tok = build_tokenizer("NullTokenizer", vocab_size=1000)
+    decoder = IncrementalDecoder(tok, context=tok.encode("5 17"))
+    assert [decoder.push(t) for t in (3, 999, 40)] + [decoder.flush()] == [" 3", " 999", " 40", ""]

@@ -93,3 +93,39 @@ def test_missing_package_is_one_line(monkeypatch, sp_model):
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # import now raises ImportError
     with pytest.raises(UserError, match=r"needs the 'sentencepiece' package.*megatron-lite\[sentencepiece\]"):
         build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model=sp_model)
+
+
+@pytest.mark.parametrize("name", ["GPTSentencePieceTokenizer", "Llama2Tokenizer", "SentencePieceTokenizer"])
+def test_unreadable_model_file_is_one_line(monkeypatch, sp_model, name):
+    # Root reads any file, so unreadability is simulated where the check opens the file.
+    import builtins
+
+    import megatron_lite.tokenizer.base as base
+
+    def deny(path, *args, **kwargs):
+        if str(path) == sp_model:
+            raise PermissionError(13, "Permission denied", path)
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(base, "open", deny, raising=False)
+    with pytest.raises(
+        UserError, match=r"^--tokenizer-model .*milton\.model: cannot be read \(Permission denied\)"
+    ):
+        build_tokenizer(name, tokenizer_model=sp_model)
+
+
+@pytest.mark.parametrize("name", ["GPTSentencePieceTokenizer", "Llama2Tokenizer"])
+def test_streamed_generation_keeps_the_spaces(sp_model, name):
+    # SentencePiece drops a piece's leading space when the piece starts the decoded text; the streaming
+    # decoder that tools/generate.py prints with must decode each new token after its context.
+    from megatron_lite.inference import IncrementalDecoder
+
+    tok = build_tokenizer(name, tokenizer_model=sp_model)
+    ids = tok.encode(SENTENCES[0] + " " + SENTENCES[1])
+    for k in range(1, len(ids)):
+        decoder = IncrementalDecoder(tok, context=ids[:k])
+        streamed = "".join(decoder.push(t) for t in ids[k:]) + decoder.flush()
+        assert streamed == tok.decode(ids)[len(tok.decode(ids[:k])) :]
+    decoder = IncrementalDecoder(tok)
+    assert "".join(decoder.push(t) for t in ids) + decoder.flush() == tok.decode(ids)
+    assert tok.decode(ids).count(" ") == (SENTENCES[0] + " " + SENTENCES[1]).count(" ")

@@ -118,3 +118,20 @@ def test_file_errors(tmp_path, vocab):
     bad.write_text("hello world\n")
     with pytest.raises(UserError, match=r"bad.json:1: neither Megatron's tiktoken JSON nor"):
         build_tokenizer("TikTokenizer", tokenizer_model=str(bad), vocab_size=2000)
+
+
+def test_unreadable_vocabulary_is_one_line(monkeypatch, vocab):
+    import builtins
+
+    import megatron_lite.tokenizer.base as base
+
+    def deny(path, *args, **kwargs):
+        if str(path) == vocab["json"]:
+            raise PermissionError(13, "Permission denied", path)
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(base, "open", deny, raising=False)
+    with pytest.raises(
+        UserError, match=r"^--tokenizer-model .*vocab\.json: cannot be read \(Permission denied\)"
+    ):
+        build_tokenizer("TikTokenizer", tokenizer_model=vocab["json"], vocab_size=2000)

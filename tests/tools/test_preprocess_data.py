@@ -280,7 +280,8 @@ def _preprocess_in_process(tmp_path, texts, *flags):
     return IndexedDataset(f"{prefix}_text_document")
 
 
-def test_sentencepiece_via_tokenizer_model(tmp_path):
+@pytest.mark.parametrize("name", ["GPTSentencePieceTokenizer", "Llama2Tokenizer"])
+def test_sentencepiece_via_tokenizer_model(tmp_path, name):
     sentencepiece = pytest.importorskip("sentencepiece")
     from tokenizer.tokenizer_files import paragraphs, train_sentencepiece
 
@@ -289,7 +290,7 @@ def test_sentencepiece_via_tokenizer_model(tmp_path):
     texts = paragraphs(chars=20_000)
     flags = [
         "--tokenizer-type",
-        "Llama2Tokenizer",
+        name,
         "--tokenizer-model",
         model,
         "--append-eod",
@@ -299,7 +300,9 @@ def test_sentencepiece_via_tokenizer_model(tmp_path):
     ds = _preprocess_in_process(tmp_path, texts, *flags)
     assert ds.dtype is np.uint16 and len(ds) == len(texts)
     for i, text in enumerate(texts):
-        assert ds[i].tolist() == [sp.bos_id(), *sp.encode(text), sp.eos_id()]  # bos ... eod (= eos)
+        # Llama2Tokenizer puts bos first; both end with eod = eos.
+        bos = [sp.bos_id()] if name == "Llama2Tokenizer" else []
+        assert ds[i].tolist() == [*bos, *sp.encode_as_ids(text), sp.eos_id()]
 
 
 def test_tiktoken_flags(tmp_path):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
+import pickle
 import zlib
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from test_checkpointing_support import (
     VOCAB,
     build,
@@ -125,22 +128,38 @@ def test_layout_pointer_and_common_file(tmp_path):
         "common_backend": "torch",
         "common_backend_version": 1,
     }
-    common = torch.load(ckpt / "common.pt", weights_only=True)
+    # common.pt is Megatron-LM's: `args` an argparse.Namespace (read through torch's allow-list), our
+    # exact config, data position and layout beside it under "megatron_lite".
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(ckpt / "common.pt", weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        common = torch.load(ckpt / "common.pt", weights_only=True)
     assert common["checkpoint_version"] == 3.0
-    assert (common["iteration"], common["consumed_train_samples"]) == (7, 14)
-    assert common["args"] == cfg.to_dict()
+    assert common["iteration"] == 7
+    args = common["args"]
+    assert isinstance(args, argparse.Namespace)
+    assert (args.hidden_size, args.padded_vocab_size, args.consumed_train_samples) == (8, 384, 14)
+    assert args.ckpt_format == "torch_dist" and args.use_mcore_models
     assert common["opt_param_scheduler"] == scheduler.state_dict()
-    assert common["layout"] == {"world_size": 1, "tensor_model_parallel_size": 1, "data_parallel_size": 1}
-    # The padded vocabulary (384 rows at TP=1) is stored as 3 blocks of 128 rows: the same at any TP.
-    embedding = common["tensors"]["model.embedding.word_embeddings.weight"]
-    assert (embedding["kind"], embedding["stored_shape"], embedding["vocab_size"]) == (
-        "vocab",
-        [3, 128, 8],
-        VOCAB,
-    )
-    assert common["tensors"]["optimizer.state.output_layer.weight.exp_avg"]["stored_shape"] == [3, 128, 8]
-    fc1 = common["tensors"]["model.fc1.weight"]
-    assert (fc1["kind"], fc1["stored_shape"], fc1["stride"]) == ("sharded", [2, 32, 8], 2)
+    groups = common["optimizer"]["optimizer"]["param_groups"]
+    assert [g["step"] for g in groups] == [2.0] * len(groups)
+    ours = common["megatron_lite"]
+    assert ours["config"] == cfg.to_dict()
+    assert ours["consumed_train_samples"] == 14
+    assert ours["layout"] == {
+        "world_size": 1,
+        "tensor_model_parallel_size": 1,
+        "data_parallel_size": 1,
+        "pipeline_model_parallel_size": 1,
+    }
+    # Megatron's keys and shapes: the padded vocabulary [384, h], SwiGLU's fc1 in two pieces (gate, up),
+    # Adam's moments as optimizer.state.<moment>.<key>, rng_state a ShardedObject of the (PP, TP) grid.
+    metadata = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    assert list(metadata["embedding.word_embeddings.weight"].size) == [384, 8]
+    assert list(metadata["optimizer.state.exp_avg.output_layer.weight"].size) == [384, 8]
+    fc1 = metadata["fc1.weight"]
+    assert [(list(c.offsets), list(c.sizes)) for c in fc1.chunks] == [([0, 0], [32, 8]), ([32, 0], [32, 8])]
+    assert "rng_state/shard_0.0_1.1" in metadata
     assert load_saved_config(tmp_path) == cfg
 
 
@@ -396,7 +415,7 @@ def test_different_model_shape_is_one_line(tmp_path):
         load_model_weights(other_model, tmp_path)
     assert str(caught.value) == (
         f"checkpoint {tmp_path / 'iter_0000001'} does not fit this model: embedding.word_embeddings.weight is "
-        "[257, 8] in it, [257, 16] in the model; fc1.weight is [64, 8] in it, [128, 16] in the model; "
+        "[384, 8] in it, [384, 16] in the model; fc1.weight is [64, 8] in it, [128, 16] in the model; "
         "fc1.bias is [64] in it, [128] in the model (and 5 more)"
     )
 
@@ -458,9 +477,8 @@ def test_load_model_weights_and_read_full_tensors(tmp_path):
         assert torch.equal(full[name], expected), name
     states = read_full_tensors(tmp_path, prefix="optimizer.state.")
     assert torch.equal(
-        states["fc2.weight.exp_avg_sq"], local_optimizer(optimizer).state[model.fc2.weight]["exp_avg_sq"]
+        states["exp_avg_sq.fc2.weight"], local_optimizer(optimizer).state[model.fc2.weight]["exp_avg_sq"]
     )
-    assert states["fc2.weight.step"].item() == 3.0
 
 
 def test_gpt_model_round_trip_gives_the_same_loss(tmp_path):
@@ -485,3 +503,46 @@ def test_gpt_model_round_trip_gives_the_same_loss(tmp_path):
     load_checkpoint(tmp_path, model2, optimizer2, scheduler2, cfg, None)
     assert_same(snapshot(model2, optimizer2), snapshot(model, optimizer))
     assert torch.equal(model2(tokens, labels=tokens), model(tokens, labels=tokens))
+
+
+def write_previous_layout(path, iteration, cfg, model, optimizer, scheduler, consumed: int) -> None:
+    """A checkpoint as this project wrote it before it took Megatron's layout ("model."-prefixed keys,
+    vocabulary blocks, layouts in common.pt)."""
+    from megatron_lite.training.checkpointing.common import build_previous_common, write_common_files
+    from megatron_lite.training.checkpointing.rng import capture_rng
+    from megatron_lite.training.checkpointing.state_dict import model_shards, optimizer_shards
+
+    ckpt = path / f"iter_{iteration:07d}"
+    ckpt.mkdir(parents=True)
+    shards, layouts = model_shards(model, cfg, ONE)
+    optim_shards, optim_layouts, groups = optimizer_shards(optimizer, model, cfg, ONE)
+    shards.update(optim_shards)
+    layouts.update(optim_layouts)
+    dcp.save(shards, storage_writer=dcp.FileSystemWriter(ckpt, single_file_per_rank=True), no_dist=True)
+    torch.save(capture_rng(ONE), ckpt / "rng_state_0.pt")
+    common = build_previous_common(iteration, consumed, cfg, scheduler, groups, ONE, layouts, None)
+    write_common_files(ckpt, common, {})
+    (path / POINTER).write_text(str(iteration))
+
+
+def test_checkpoints_of_the_previous_layout_still_load(tmp_path):
+    seed_everything(5)
+    cfg, model, optimizer, scheduler = trained(steps=3)
+    write_previous_layout(tmp_path, 3, cfg, model, optimizer, scheduler, consumed=6)
+    assert "model.fc1.weight" in dcp.FileSystemReader(tmp_path / "iter_0000003").read_metadata().state_dict_metadata
+    expected_draws = draw_random_numbers()
+    expected = snapshot(model, optimizer)
+
+    seed_everything(99)
+    cfg2, model2, optimizer2, scheduler2 = fresh()
+    progress = load_checkpoint(tmp_path, model2, optimizer2, scheduler2, cfg, None)
+    assert (progress.iteration, progress.consumed_train_samples) == (3, 6)
+    assert_same_draws(draw_random_numbers(), expected_draws)
+    assert_same(snapshot(model2, optimizer2), expected)
+    assert scheduler2.state_dict() == scheduler.state_dict()
+    assert load_saved_config(tmp_path) == cfg
+    full = read_full_tensors(tmp_path)
+    assert torch.equal(full["fc2.weight"], model.fc2.weight.detach())
+    # Saving it again writes Megatron's layout: the conversion is a load and a save.
+    save(tmp_path, 4, cfg, model2, optimizer2, scheduler2)
+    assert "fc1.weight" in dcp.FileSystemReader(tmp_path / "iter_0000004").read_metadata().state_dict_metadata

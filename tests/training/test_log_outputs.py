@@ -15,6 +15,7 @@ from megatron_lite.arguments import parse_config
 from megatron_lite.errors import UserError
 from megatron_lite.parallel_state import initialize_parallel
 from megatron_lite.training.training import pretrain
+from megatron_lite.training.wandb_writer import wandb_mode
 
 TINY = tiny_flags(**ONE_LAYER_RUN, global_batch_size=4, hidden_dropout=0, attention_dropout=0)
 
@@ -56,10 +57,14 @@ def wandb_history(run_dir: str) -> dict[int, dict[str, float]]:
 
 
 def test_wandb_offline_run_holds_the_logged_scalars(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
+    # No WANDB_MODE and no credentials (no WANDB_API_KEY, no ~/.netrc): an offline run.
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
     save_dir = tmp_path / "wandb-files"
     flags = (
         "--train-iters 4 --log-interval 2 --eval-interval 2 --eval-iters 1 --log-timers-to-tensorboard "
+        "--log-memory-to-tensorboard --log-validation-ppl-to-tensorboard "
         f"--timing-log-level 1 --wandb-project lite --wandb-exp-name tiny --wandb-save-dir {save_dir}"
     )
     result = pretrain(parse_config(TINY + flags.split()))
@@ -78,14 +83,16 @@ def test_wandb_offline_run_holds_the_logged_scalars(tmp_path, monkeypatch, capsy
         "optimizer",
     )
     at_log = {"iteration-time", "lm loss validation", *(f"{name}-time" for name in timers)}
+    # mem-* and the ppl go to TensorBoard only, as in Megatron.
     assert set(history[2]) == every | at_log
-    assert set(history[4]) == every | at_log | {"lm loss test"}  # final validation and test at step 4 too
+    assert set(history[4]) == every | at_log  # the final validation and test at step 4 too
     assert [history[s]["lm loss"] for s in (1, 2, 3, 4)] == pytest.approx(
         [v for _, v in result.losses], rel=1e-6
     )
     assert [history[s]["samples vs steps"] for s in (1, 2, 3, 4)] == [4, 8, 12, 16]
-    # Two validations at step 4 (periodic and final): wandb keeps the last.
-    assert history[4]["lm loss validation"] == pytest.approx(result.validation_losses[-1][1], rel=1e-6)
+    assert history[2]["lm loss validation"] == pytest.approx(result.validation_losses[0][1], rel=1e-6)
+    # Three at step 4 under Megatron's one tag (periodic, final validation, test): wandb keeps the last.
+    assert history[4]["lm loss validation"] == pytest.approx(result.test_loss, rel=1e-6)
 
 
 def test_wandb_config_errors():
@@ -94,17 +101,32 @@ def test_wandb_config_errors():
             pretrain(parse_config(TINY + "--train-iters 1".split() + flags))
         return str(caught.value)
 
-    assert fails(["--wandb-project", "p"]) == (
+    assert fails(["--wandb-project", "p", "--wandb-exp-name", "e"]) == (
         "--wandb-project needs --wandb-save-dir DIR (or --save, whose wandb/ folder is the default)"
     )
-    assert fails(["--wandb-project", "p", "--wandb-exp-name", "", "--wandb-save-dir", "x"]) == (
-        "--wandb-exp-name is empty; give the wandb run a name or leave the flag out"
-    )
+    # Megatron: "Please specify the wandb experiment name!" (its default is empty).
+    needs_name = "--wandb-project needs --wandb-exp-name NAME, the wandb run's name (as in Megatron)"
+    assert fails(["--wandb-project", "p", "--wandb-save-dir", "x"]) == needs_name
+    assert fails(["--wandb-project", "p", "--wandb-exp-name", "", "--wandb-save-dir", "x"]) == needs_name
+    # An empty project is Megatron's default: no wandb at all (and no name needed).
+    assert pretrain(parse_config(TINY + "--train-iters 1 --eval-iters 0 --wandb-project".split() + [""]))
+
+
+def test_wandb_mode_follows_the_environment_and_credentials(tmp_path):
+    netrc = tmp_path / "netrc"
+    assert wandb_mode({}, str(tmp_path / "none")) == "offline"
+    assert wandb_mode({"WANDB_MODE": "disabled", "WANDB_API_KEY": "k"}, str(netrc)) == "disabled"
+    assert wandb_mode({"WANDB_API_KEY": "k"}, str(tmp_path / "none")) == "online"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password secret\n")
+    netrc.chmod(0o600)
+    assert wandb_mode({}, str(netrc)) == "online"  # what `wandb login` writes
+    assert wandb_mode({"WANDB_BASE_URL": "https://wandb.example.com"}, str(netrc)) == "offline"
 
 
 def test_missing_wandb_package_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
-    cfg = parse_config(TINY + f"--train-iters 1 --wandb-project p --wandb-save-dir {tmp_path / 'w'}".split())
+    flags = f"--train-iters 1 --wandb-project p --wandb-exp-name e --wandb-save-dir {tmp_path / 'w'}"
+    cfg = parse_config(TINY + flags.split())
     with pytest.raises(UserError) as caught:
         pretrain(cfg)
     assert str(caught.value) == (
@@ -130,12 +152,31 @@ def test_unusable_output_dirs_are_one_line_and_leave_nothing(tmp_path):
         f"--tensorboard-dir {a_file}/sub/dir cannot be created: {a_file} is a file, not a directory"
     )
     # A bad wandb directory stops the run before the (good) TensorBoard directory is created.
-    flags = ["--tensorboard-dir", str(tensorboard), "--wandb-project", "p", "--wandb-save-dir", str(a_file)]
+    flags = [
+        "--tensorboard-dir",
+        str(tensorboard),
+        "--wandb-project",
+        "p",
+        "--wandb-exp-name",
+        "e",
+        "--wandb-save-dir",
+        str(a_file),
+    ]
     assert fails(flags) == f"--wandb-save-dir {a_file} is a file, not a directory"
     # ... and the other way round.
-    flags = ["--tensorboard-dir", str(a_file), "--wandb-project", "p", "--wandb-save-dir", str(wandb_dir)]
+    flags = [
+        "--tensorboard-dir",
+        str(a_file),
+        "--wandb-project",
+        "p",
+        "--wandb-exp-name",
+        "e",
+        "--wandb-save-dir",
+        str(wandb_dir),
+    ]
     assert fails(flags) == f"--tensorboard-dir {a_file} is a file, not a directory"
-    assert fails(["--wandb-project", "p", "--save", str(a_file), "--save-interval", "5"]) == (
+    flags = ["--wandb-project", "p", "--wandb-exp-name", "e", "--save", str(a_file), "--save-interval", "5"]
+    assert fails(flags) == (
         f"--save (its wandb folder) {a_file}/wandb cannot be created: {a_file} is a file, not a directory"
     )
     assert sorted(os.listdir(tmp_path)) == ["a-file"]
@@ -150,8 +191,16 @@ def test_unusable_output_dirs_are_one_line_and_leave_nothing(tmp_path):
 def test_the_command_line_prints_one_line(tmp_path):
     (tmp_path / "a-file").write_text("")
     proc = run_python([PRETRAIN_GPT, *TINY, "--train-iters", "1", "--tensorboard-dir", "a-file"], tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr == "error: --tensorboard-dir a-file is a file, not a directory\n"
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        "error: --tensorboard-dir a-file is a file, not a directory\n",
+    )
+    proc = run_python([PRETRAIN_GPT, *TINY, "--train-iters", "1", "--tensorboard-dir", "a-file/tb"], tmp_path)
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        "error: --tensorboard-dir a-file/tb cannot be created: a-file is a file, not a directory\n",
+    )
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]
 
 
 def _bad_tensorboard_on_two_ranks(rank: int, world_size: int, path: str) -> str:

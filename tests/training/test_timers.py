@@ -144,6 +144,19 @@ def test_a_run_prints_the_timers_of_its_level(capsys):
     assert per_line["optimizer"][0] >= per_line["optimizer-inner-step"][0] - 0.01
 
 
+def test_a_run_reports_every_rank_with_option_all(capsys):
+    capsys.readouterr()
+    flags = "--train-iters 2 --log-interval 2 --eval-iters 0 --timing-log-level 1 --timing-log-option all"
+    pretrain(parse_config(TINY + flags.split()))
+    out = capsys.readouterr().out
+    assert "(min, max) time across ranks (ms):" not in out and "max time across ranks (ms):" not in out
+    reports = [block for block in out.split("times across ranks (ms):\n")[1:]]
+    assert len(reports) == 2  # the set-up timers, then the level-1 timers after the log line
+    per_line = reports[1].splitlines()
+    assert per_line[0] == "  forward-backward:"
+    assert per_line[1].startswith("     rank  0: ") and float(per_line[1].split(": ")[1]) > 0
+
+
 def test_checkpoint_timers(capsys, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     blocks, _ = _run(capsys, f"--train-iters 2 --eval-iters 0 --save {ckpt} --save-interval 2")

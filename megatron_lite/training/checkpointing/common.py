@@ -1,4 +1,4 @@
-"""Rank 0's files of a checkpoint: common.pt (progress, schedule, the saved config, layouts) and metadata.json."""
+"""Rank 0's files of a checkpoint (common.pt, metadata.json, the manifest) and reading common.pt of either layout."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from megatron_lite.config import MegatronConfig
 from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
+from megatron_lite.training.checkpointing.chunks import load_pickled
+from megatron_lite.training.checkpointing.megatron_common import config_of, is_megatron_layout
 from megatron_lite.training.checkpointing.names import (
     COMMON_FILENAME,
     DCP_METADATA_FILENAME,
@@ -32,7 +32,7 @@ BACKEND_METADATA = {
 }
 
 
-def build_common(
+def build_previous_common(
     iteration: int,
     consumed_train_samples: int,
     cfg: MegatronConfig,
@@ -42,7 +42,9 @@ def build_common(
     layouts: dict[str, dict[str, Any]],
     extra_state: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The contents of common.pt, copied: an async save writes it after training has moved on."""
+    """common.pt of this project's previous layout ("model."-prefixed keys, layouts under "tensors"), which
+    load_checkpoint still reads; saves now write Megatron's (megatron_common.build_common). Kept so the
+    tests can write checkpoints of the previous layout."""
     return copy.deepcopy(
         {
             "checkpoint_version": CHECKPOINT_VERSION,
@@ -77,23 +79,46 @@ def write_common_files(tmp: Path, common: dict[str, Any], checksums: dict[str, d
 
 
 def read_common(ckpt: Path) -> dict[str, Any]:
+    """common.pt: Megatron's layout (ours, or Megatron-LM's own) or this project's earlier one."""
     path = ckpt / COMMON_FILENAME
     if not path.exists():
-        if (ckpt / "mp_rank_00").exists():
-            fail(f"{ckpt} is a legacy --ckpt-format torch checkpoint; megatron-lite reads torch_dist only")
-        fail(f"{ckpt} is not a megatron-lite checkpoint: {COMMON_FILENAME} is missing")
+        legacy = ckpt / "mp_rank_00" / "model_optim_rng.pt"
+        if legacy.exists() or (ckpt / "mp_rank_00").exists():
+            fail(
+                f"{ckpt} is a legacy --ckpt-format torch checkpoint ({legacy.relative_to(ckpt.parent)}); "
+                "megatron-lite reads torch_dist only: convert it with Megatron-LM, loading it with "
+                "--ckpt-format torch --ckpt-convert-format torch_dist --ckpt-convert-save DIR"
+            )
+        fail(f"{ckpt} is not a torch_dist checkpoint: {COMMON_FILENAME} is missing")
     try:
-        common = torch.load(path, map_location="cpu", weights_only=True)
+        common = load_pickled(path.read_bytes())
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
         fail(f"cannot read {path} ({type(err).__name__}); it was not written by megatron-lite or is damaged")
-    if common.get("checkpoint_version") != CHECKPOINT_VERSION or "tensors" not in common:
-        fail(
-            f"{path} has checkpoint_version {common.get('checkpoint_version')}, expected {CHECKPOINT_VERSION}"
+    if not isinstance(common, dict):
+        fail(f"{path} holds a {type(common).__name__}, not a checkpoint's common state")
+    version = common.get("checkpoint_version")
+    if is_megatron_layout(common):
+        if version != CHECKPOINT_VERSION:
+            fail(
+                f"{path} has checkpoint_version {version}; megatron-lite reads Megatron's {CHECKPOINT_VERSION}"
+            )
+        return common
+    if version != CHECKPOINT_VERSION or "tensors" not in common:
+        missing = (
+            "" if version != CHECKPOINT_VERSION else " but no tensor layouts (not a megatron-lite checkpoint)"
         )
+        fail(f"{path} has checkpoint_version {version}, expected {CHECKPOINT_VERSION}{missing}")
     return common
+
+
+def saved_config(common: dict[str, Any], ckpt: Path) -> MegatronConfig:
+    """The config of a checkpoint of either layout."""
+    if is_megatron_layout(common):
+        return config_of(common, ckpt)
+    return MegatronConfig.from_dict(common["args"])
 
 
 def load_saved_config(ckpt_dir: str | os.PathLike, iteration: int | None = None) -> MegatronConfig:
     """The config a checkpoint was saved with (latest one unless `iteration` is given)."""
     ckpt = resolve_checkpoint(Path(ckpt_dir), iteration)
-    return MegatronConfig.from_dict(read_common(ckpt)["args"])
+    return saved_config(read_common(ckpt), ckpt)

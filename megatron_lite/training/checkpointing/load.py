@@ -16,8 +16,16 @@ from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training.checkpointing import keys
 from megatron_lite.training.checkpointing.collectives import os_error_text, quiet_single_process
-from megatron_lite.training.checkpointing.common import read_common
+from megatron_lite.training.checkpointing.common import read_common, saved_config
 from megatron_lite.training.checkpointing.layout import Layout, logical_full
+from megatron_lite.training.checkpointing.megatron_common import is_megatron_layout
+from megatron_lite.training.checkpointing.megatron_load import (
+    full_tensors,
+    load_training_state,
+    load_weights,
+    read_dcp,
+    read_metadata,
+)
 from megatron_lite.training.checkpointing.names import (
     TRACKER_FILENAME,
     read_latest_iteration,
@@ -61,7 +69,15 @@ def load_checkpoint(
         return None
     ckpt, iteration = newest_intact_checkpoint(load_dir, iteration, pstate)
     common = read_common(ckpt)
-    _check_same_model(MegatronConfig.from_dict(common["args"]), cfg, ckpt)
+    _check_same_model(saved_config(common, ckpt), cfg, ckpt)
+    if is_megatron_layout(common):
+        release = ckpt.name == "release"
+        if release and pstate.rank == 0:
+            print(f"> {ckpt} is a release checkpoint: loading its weights only, at iteration 0", flush=True)
+        return load_training_state(
+            ckpt, iteration, common, model, optimizer, scheduler, cfg, pstate, release=release
+        )
+    # This project's checkpoints from before it wrote Megatron's layout.
     load_optim = optimizer is not None and not (cfg.no_load_optim or cfg.finetune)
     load_rng = not (cfg.no_load_rng or cfg.finetune)
     if load_optim and common["optimizer"] is None:
@@ -111,6 +127,9 @@ def load_model_weights(
     ckpt = resolve_checkpoint(Path(ckpt_dir), iteration)
     fail_if_damaged(ckpt, pstate)
     common = read_common(ckpt)
+    if is_megatron_layout(common):
+        load_weights(unwrap_model(model), saved_config(common, ckpt).num_layers, ckpt, pstate)
+        return int(common.get("iteration", 0))
     targets, finishers = model_targets(unwrap_model(model), common["tensors"], pstate, ckpt)
     read_shards(targets, ckpt, pstate)
     for finish in finishers:
@@ -125,10 +144,20 @@ def read_full_tensors(
     vocabulary), read in this one process; for converters, inspection and tests."""
     ckpt = resolve_checkpoint(Path(ckpt_dir), iteration)
     fail_if_damaged(ckpt, ParallelState())
+    common = read_common(ckpt)
+    if is_megatron_layout(common):
+        if prefix == keys.MODEL_PREFIX:
+            return full_tensors(ckpt, saved_config(common, ckpt))
+        metadata = read_metadata(ckpt)
+        wanted = {
+            key: torch.empty(tuple(value.size), dtype=value.properties.dtype)
+            for key, value in metadata.state_dict_metadata.items()
+            if key.startswith(prefix) and hasattr(value, "size")
+        }
+        read_dcp(wanted, ckpt, ParallelState())
+        return {key[len(prefix) :]: tensor for key, tensor in wanted.items()}
     layouts = {
-        key: Layout.from_dict(value)
-        for key, value in read_common(ckpt)["tensors"].items()
-        if key.startswith(prefix)
+        key: Layout.from_dict(value) for key, value in common["tensors"].items() if key.startswith(prefix)
     }
     buffers = {key: torch.empty(lay.stored_shape, dtype=lay.torch_dtype) for key, lay in layouts.items()}
     read_shards(buffers, ckpt, ParallelState())
@@ -163,6 +192,12 @@ _MODEL_SHAPE_FIELDS = (
     "layernorm_zero_centered_gamma",
     "qk_layernorm",
     "window_size",
+    "quick_geglu",
+    "glu_linear_offset",
+    "activation_func_clamp_value",
+    "softmax_type",
+    "window_attn_skip_freq",
+    "enable_gpt_oss",
 )
 _ROPE_FIELDS = (
     "rotary_base",
@@ -175,7 +210,7 @@ _DERIVED_SHAPE_FIELDS = ("num_query_groups", "kv_channels", "ffn_hidden_size")
 
 
 def _uses_gelu(cfg: MegatronConfig) -> bool:
-    return not (cfg.swiglu or cfg.squared_relu)
+    return not (cfg.gated_linear_unit or cfg.squared_relu)
 
 
 def _check_same_model(saved: MegatronConfig, cfg: MegatronConfig, ckpt: Path) -> None:

@@ -31,6 +31,17 @@ def capture_rng(pstate: ParallelState) -> dict[str, Any]:
     }
 
 
+def megatron_rng_state(pstate: ParallelState) -> dict[str, Any]:
+    """This rank's streams as Megatron-LM's get_rng_state records them (for its rng_state ShardedObject)."""
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.get_rng_state(),
+        "rng_tracker_states": get_rng_tracker().get_states(),
+    }
+
+
 def set_rng(state: dict[str, Any]) -> None:
     version, internal, gauss = state["random"]
     random.setstate((version, tuple(internal), gauss))
@@ -49,11 +60,20 @@ def restore_rng(
     or this DP rank did not exist, it is re-seeded from (seed, iteration, DP rank): the same value on all
     TP ranks of a DP group, whose replicated activations must keep drawing identical dropout masks."""
     saved = common["layout"]
-    if saved["tensor_model_parallel_size"] == pstate.tp_size and pstate.dp_rank < saved["data_parallel_size"]:
-        rank = pstate.tp_rank + pstate.tp_size * pstate.dp_rank
+    same_pp = saved.get("pipeline_model_parallel_size", 1) == pstate.pp_size
+    if (
+        same_pp
+        and saved["tensor_model_parallel_size"] == pstate.tp_size
+        and pstate.dp_rank < saved["data_parallel_size"]
+    ):
+        # The saved rank at this (PP, DP, TP) place, in Megatron's rank order.
+        rank = pstate.tp_rank + pstate.tp_size * (
+            pstate.dp_rank + saved["data_parallel_size"] * pstate.pp_rank
+        )
         set_rng(torch.load(ckpt / rng_file_name(rank), map_location="cpu", weights_only=True))
         return
-    seed = reseed_value(cfg.seed, iteration, pstate.dp_rank)
+    # Pipeline stages draw from their own seeds (seed + 100 x PP rank), as at the start of a run.
+    seed = reseed_value(cfg.seed + 100 * pstate.pp_rank, iteration, pstate.dp_rank)
     random.seed(seed)
     np.random.seed(seed)
     model_parallel_manual_seed(seed, pstate.tp_rank)

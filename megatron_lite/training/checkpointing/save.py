@@ -32,10 +32,12 @@ from megatron_lite.training.checkpointing.commit import (
     commit_save,
     rank_file_checksums,
 )
-from megatron_lite.training.checkpointing.common import build_common
+from megatron_lite.training.checkpointing.megatron_common import build_common
+from megatron_lite.training.checkpointing.megatron_keys import rng_state_key
+from megatron_lite.training.checkpointing.megatron_state import model_save_dict, optimizer_save_dict
 from megatron_lite.training.checkpointing.publish import prepare_directory
-from megatron_lite.training.checkpointing.rng import capture_rng
-from megatron_lite.training.checkpointing.state_dict import model_shards, optimizer_shards, save_planner
+from megatron_lite.training.checkpointing.rng import capture_rng, megatron_rng_state
+from megatron_lite.training.checkpointing.state_dict import save_planner
 from megatron_lite.training.optimizer import unwrap_model
 
 
@@ -82,19 +84,30 @@ def save_checkpoint(
     staged = cfg.async_save
     try:
         step.run(lambda: prepare_directory(save_dir, save.tmp), rank0_only=True)
-        shards, layouts = model_shards(module, cfg, pstate, staged=staged)
+        shards = model_save_dict(module, cfg.num_layers, pstate, staged=staged)
         optimizer_groups = None
         if optimizer is not None and not cfg.no_save_optim:
-            optim_shards, optim_layouts, optimizer_groups = optimizer_shards(
-                optimizer, module, cfg, pstate, staged=staged
+            optim_shards, adam_step, optimizer_groups = optimizer_save_dict(
+                optimizer, module, cfg.num_layers, pstate, staged=staged
             )
             shards.update(optim_shards)
-            # Under ZeRO each DP rank holds other parameters' states: rank 0 records them all.
-            for part in all_gather_objects(pstate, optim_layouts):
-                layouts.update(part)
+            # Under ZeRO a DP rank may own no state yet; Adam's step is the same wherever it exists.
+            steps = [s for s in all_gather_objects(pstate, adam_step) if s is not None]
+            for group in optimizer_groups:
+                group["step"] = steps[0] if steps else None
+        layout = {
+            "world_size": pstate.world_size,
+            "tensor_model_parallel_size": pstate.tp_size,
+            "data_parallel_size": pstate.dp_size,
+            "pipeline_model_parallel_size": pstate.pp_size,
+        }
         save.common = build_common(
-            iteration, consumed_train_samples, cfg, scheduler, optimizer_groups, pstate, layouts, extra_state
+            iteration, consumed_train_samples, cfg, scheduler, optimizer_groups, layout, extra_state
         )
+        if not cfg.no_save_rng and pstate.dp_rank == 0:
+            # Megatron's rng_state ShardedObject (one per TP place), for Megatron-LM's reader; our own
+            # per-rank RNG files beside it keep every DP rank's streams.
+            shards[rng_state_key(pstate)] = [[megatron_rng_state(pstate)]]
         rng_state = None if cfg.no_save_rng else capture_rng(pstate)
         if cfg.async_save:
             step.run(lambda: start_async_save(save, shards, rng_state, cfg))

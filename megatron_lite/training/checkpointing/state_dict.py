@@ -17,6 +17,7 @@ from megatron_lite.config import MegatronConfig
 from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training.checkpointing import keys
+from megatron_lite.training.checkpointing.chunks import ChunkSavePlanner
 from megatron_lite.training.checkpointing.layout import Layout, layout_of, load_target, to_stored
 
 
@@ -101,12 +102,22 @@ def model_targets(
         targets[key] = target
         if finish is not None:
             finishers.append(finish)
-    extra = sorted(keys.model_name(k) for k in saved_layouts if keys.is_model_key(k) and k not in wanted)
+    extra = sorted(
+        keys.model_name(k)
+        for k in saved_layouts
+        if keys.is_model_key(k) and k not in wanted and not _other_ranks_expert(k, wanted)
+    )
     problems += [f"the model has no tensor {name}" for name in extra]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         fail(f"checkpoint {ckpt} does not fit this model: {'; '.join(problems[:3])}{more}")
     return targets, finishers
+
+
+def _other_ranks_expert(key: str, wanted: set[str]) -> bool:
+    """A routed expert (named by global index) that another expert-parallel rank of this model holds."""
+    marker = ".experts.local_experts."
+    return marker in key and any(marker in k for k in wanted)
 
 
 def optimizer_targets(
@@ -168,8 +179,8 @@ def save_planner(cfg: MegatronConfig, pstate: ParallelState) -> DefaultSavePlann
     """DCP's planner; with --ckpt-assume-constant-structure it reuses the previous save's plan (DCP's
     plan caching) when no rank's local plan changed, as Megatron caches its save structure."""
     if not cfg.ckpt_assume_constant_structure:
-        return DefaultSavePlanner()
-    planner = DefaultSavePlanner(enable_plan_caching=True)
+        return ChunkSavePlanner()
+    planner = ChunkSavePlanner(enable_plan_caching=True)
     # DCP keys its class-level cache by planner class; one key per world shape keeps plans of another
     # layout in the same process (tests) from being merged with these.
     planner._cached_plans_key = f"megatron_lite:{pstate.world_size}x{pstate.tp_size}"

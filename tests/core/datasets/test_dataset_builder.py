@@ -218,6 +218,29 @@ def test_data_loader_flags_parse_and_reach_the_datasets(tmp_path):
         assert all(np.array_equal(a[k], b[k]) for k in b)
 
 
+def test_training_batches_with_and_without_the_attention_mask(tmp_path):
+    # What the training loop receives: Megatron's [b, 1, s, s] bool mask (True = masked = the future) by
+    # default; no attention_mask key at all with --no-create-attention-mask-in-dataloader.
+    import torch
+
+    from megatron_lite.training.data_samplers import build_pretraining_data_loader
+
+    prefix = make(tmp_path / "a", 50)
+    batches = {}
+    for mask in (True, False):
+        c = cfg(tmp_path, data_path=[prefix], split="1,0,0", create_attention_mask_in_dataloader=mask)
+        c.micro_batch_size, c.num_workers = 2, 0
+        train, _, _ = build_train_valid_test_datasets(c, TOKENIZER, (10, 0, 0))
+        batches[mask] = next(iter(build_pretraining_data_loader(train, 0, c)))
+    on, off = batches[True], batches[False]
+    assert set(on) == {"tokens", "labels", "loss_mask", "position_ids", "attention_mask"}
+    assert set(off) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert on["attention_mask"].shape == (2, 1, 16, 16) and on["attention_mask"].dtype == torch.bool
+    future = torch.triu(torch.ones(16, 16, dtype=torch.bool), diagonal=1)
+    assert all(torch.equal(m[0], future) for m in on["attention_mask"])
+    assert all(torch.equal(on[k], off[k]) for k in off)
+
+
 def test_reset_attention_mask_needs_the_mask(tmp_path):
     prefix = make(tmp_path / "a", 50)
     c = cfg(

@@ -208,6 +208,30 @@ def test_no_mmap_reads_the_same_tokens(tmp_path):
     assert first.tolist() == SEQUENCES[0] and second.tolist() == SEQUENCES[2]
 
 
+def test_no_mmap_never_maps_the_bin(tmp_path, monkeypatch):
+    # --no-mmap-bin-files: only the .idx is memory-mapped (as in Megatron); every .bin read is seek+read.
+    prefix = str(tmp_path / "hand")
+    write_by_hand(prefix, SEQUENCES, DOC_ENDS)
+    mapped = []
+    real_memmap = np.memmap
+
+    def spy(filename, *args, **kwargs):
+        mapped.append(os.path.basename(str(filename)))
+        return real_memmap(filename, *args, **kwargs)
+
+    monkeypatch.setattr(np, "memmap", spy)
+    read = IndexedDataset(prefix, mmap_bin_files=False)
+    tokens = [read[i].tolist() for i in range(len(read))] + [x.tolist() for x in read[0:5]]
+    tokens.append(read.get(2, offset=1, length=2).tolist())
+    assert mapped == ["hand.idx"] and read.max_token_id() == 50256 and mapped == ["hand.idx"]
+    assert tokens == SEQUENCES + SEQUENCES + [[10, 11]]
+    # The default maps the .bin too, and reads the same tokens.
+    mapped.clear()
+    default = IndexedDataset(prefix)
+    assert mapped == ["hand.idx", "hand.bin"]
+    assert [default[i].tolist() for i in range(len(default))] == SEQUENCES
+
+
 def test_no_mmap_on_a_large_random_dataset(tmp_path):
     rng = np.random.default_rng(3)
     lengths = rng.integers(0, 3000, size=200)

@@ -29,6 +29,7 @@ from megatron_lite.training.checkpointing import (
     save_checkpoint,
     verify_checkpoint,
 )
+from megatron_lite.training.checkpointing.chunks import load_pickled
 from megatron_lite.training.training import pretrain
 
 POINTER = "latest_checkpointed_iteration.txt"
@@ -63,10 +64,15 @@ def assert_same_contents(ckpt_a: Path, ckpt_b: Path, iteration: int) -> None:
         assert_same_tensors(tensors, read_full_tensors(ckpt_b, iteration, prefix=prefix))
     name = f"iter_{iteration:07d}"
     assert (ckpt_a / name / "rng_state_0.pt").read_bytes() == (ckpt_b / name / "rng_state_0.pt").read_bytes()
-    common_a, common_b = (torch.load(c / name / "common.pt", weights_only=True) for c in (ckpt_a, ckpt_b))
-    assert common_a["args"].pop("async_save") != common_b["args"].pop("async_save")
-    for common in (common_a, common_b):  # the runs' own directories
-        del common["args"]["save"], common["args"]["load"]
+    common_a, common_b = (load_pickled((c / name / "common.pt").read_bytes()) for c in (ckpt_a, ckpt_b))
+    for common in (common_a, common_b):
+        common["args"] = vars(common["args"])
+    for part in ("args", "megatron_lite"):
+        a = common_a[part] if part == "args" else common_a[part]["config"]
+        b = common_b[part] if part == "args" else common_b[part]["config"]
+        assert a.pop("async_save") != b.pop("async_save")
+        for values in (a, b):  # the runs' own directories
+            del values["save"], values["load"]
     assert common_a == common_b
 
 

@@ -1,5 +1,5 @@
-"""Causal self-attention: fused QKV projection, q/k norms, RoPE, GQA, KV cache, sliding window, core attention
-and output projection."""
+"""Causal self-attention: fused QKV projection, q/k norms, RoPE, GQA, KV cache, sliding window, attention sinks,
+core attention and output projection."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config import MegatronConfig
+from megatron_lite.config.model import is_layer_window_attention
 from megatron_lite.core.models.gpt.kv_cache import KVCache
 from megatron_lite.core.models.gpt.norms import build_norm
 from megatron_lite.core.models.gpt.rope import apply_rotary_pos_emb
@@ -22,6 +23,7 @@ from megatron_lite.core.tensor_parallel import (
     init_method_normal,
     scaled_init_method_normal,
 )
+from megatron_lite.core.tensor_parallel.utils import init_sharded_weight, set_tensor_model_parallel_attributes
 
 
 class DotProductAttention(nn.Module):
@@ -33,6 +35,11 @@ class DotProductAttention(nn.Module):
 
     window_left (--window-size left,0): sliding-window attention, each query sees itself and the
     window_left positions before it; None attends to every earlier position.
+
+    softmax_offset (--softmax-type off-by-one / learnable): one logit per head that joins every row's
+    softmax denominator and attends to nothing (Megatron's SoftmaxOne, gpt-oss's attention sinks):
+    p_j = exp(s_j) / (exp(offset) + sum_k exp(s_k)). SDPA cannot take it, so these runs form the
+    probabilities explicitly (fp32 softmax over the scores and the extra column); vanilla runs are untouched.
     """
 
     def __init__(
@@ -42,7 +49,11 @@ class DotProductAttention(nn.Module):
         num_groups: int,
         head_dim: int,
         window_left: int | None = None,
+        softmax_offset: torch.Tensor | None = None,
     ) -> None:
+        """softmax_offset: this rank's [heads] sink logits; an nn.Parameter (learnable) becomes a parameter
+        `softmax_offset` (Megatron's name, so its checkpoint key), a plain tensor (off-by-one's zeros) a
+        buffer that is not saved."""
         super().__init__()
         self.num_heads = num_heads  # per TP rank
         self.num_groups = num_groups  # per TP rank
@@ -50,6 +61,10 @@ class DotProductAttention(nn.Module):
         self.window_left = window_left
         self.scale = 1.0 / math.sqrt(head_dim)
         self.attention_dropout = Dropout(attention_dropout, use_model_parallel_rng=True)
+        if isinstance(softmax_offset, nn.Parameter):
+            self.softmax_offset = softmax_offset
+        else:
+            self.register_buffer("softmax_offset", softmax_offset, persistent=False)
 
     def forward(
         self,
@@ -64,9 +79,11 @@ class DotProductAttention(nn.Module):
         """
         sq, b = query.shape[:2]
         sk = key.shape[0]
-        explicit = self.training and self.attention_dropout.p > 0.0
-        if sq == 1 and sk > 1 and attention_mask is None and not explicit:
-            return attend_newest(query, key, value, self.window_left)  # a decoding step with a KV cache
+        dropout = self.training and self.attention_dropout.p > 0.0
+        if sq == 1 and sk > 1 and attention_mask is None and not dropout:
+            # a decoding step with a KV cache
+            return attend_newest(query, key, value, self.window_left, self.softmax_offset)
+        explicit = dropout or self.softmax_offset is not None
         q = query.permute(1, 2, 0, 3)  # [b, heads, sq, d]
         k = key.permute(1, 2, 0, 3)  # [b, groups, sk, d]
         v = value.permute(1, 2, 0, 3)
@@ -102,22 +119,52 @@ class DotProductAttention(nn.Module):
             sq = q.shape[2]
             keep = torch.ones(sq, sq, dtype=torch.bool, device=q.device).tril()
         scores.masked_fill_(~keep, float("-inf"))
-        # fp32 softmax (Megatron's softmax_in_fp32); dtype= widens inside the op, no separate copy.
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if self.softmax_offset is not None:
+            probs = softmax_with_offset(scores, self.softmax_offset).to(q.dtype)
+        else:
+            # fp32 softmax (Megatron's softmax_in_fp32); dtype= widens inside the op, no separate copy.
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         probs = self.attention_dropout(probs)
         return torch.matmul(probs, v)  # [b, heads, sq, d]
 
+    def extra_repr(self) -> str:
+        extras = [] if self.window_left is None else [f"window_left={self.window_left}"]
+        if self.softmax_offset is not None:
+            extras.append("softmax_offset")
+        return ", ".join(extras)
+
+
+def softmax_with_offset(scores: torch.Tensor, softmax_offset: torch.Tensor) -> torch.Tensor:
+    """Megatron's SoftmaxOne in fp32: scores [b, heads, sq, sk] (masked entries -inf) and one logit per
+    head [heads] -> probabilities [b, heads, sq, sk] whose rows sum to 1 - (the offset column's share)."""
+    b, heads, sq, _ = scores.shape
+    sink = softmax_offset.float().reshape(1, heads, 1, 1).expand(b, heads, sq, 1)
+    return torch.softmax(torch.cat((scores.float(), sink), dim=-1), dim=-1)[..., :-1]
+
 
 def attend_newest(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window_left: int | None = None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    window_left: int | None = None,
+    softmax_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the newest position alone: query [1, b, heads, d], key/value [sk, b, groups, d] ->
     [1, b, heads*d]. The one query may attend to every key (or, with a sliding window, to the last
     window_left + 1), so there is no mask to build (per layer and step at batch 1 that costs more than
-    the attention itself); inference only (no dropout)."""
+    the attention itself); inference only (no dropout). softmax_offset [heads]: the attention sinks."""
     b, heads, d = query.shape[1:]
     if window_left is not None:
         key, value = key[-(window_left + 1) :], value[-(window_left + 1) :]
+    if softmax_offset is not None:
+        q = query.permute(1, 2, 0, 3)  # [b, heads, 1, d]
+        k, v = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)  # [b, groups, sk, d]
+        repeat = heads // key.shape[2]
+        if repeat > 1:
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(d))  # [b, heads, 1, sk]
+        probs = softmax_with_offset(scores, softmax_offset).to(q.dtype)
+        return torch.matmul(probs, v).reshape(1, b, heads * d)
     out = F.scaled_dot_product_attention(
         query.permute(1, 2, 0, 3),  # [b, heads, 1, d]
         key.permute(1, 2, 0, 3),  # [b, groups, sk, d]
@@ -163,13 +210,14 @@ class SelfAttention(nn.Module):
         if cfg.qk_layernorm:
             self.q_layernorm = build_norm(cfg, tp_group, self.head_dim, per_head=True)
             self.k_layernorm = build_norm(cfg, tp_group, self.head_dim, per_head=True)
-        window = cfg.window_size
+        window = cfg.window_size if is_layer_window_attention(cfg, layer_number) else None
         self.core_attention = DotProductAttention(
             cfg.attention_dropout,
             self.num_heads,
             self.num_groups,
             self.head_dim,
             window_left=window[0] if window is not None and window[0] >= 0 else None,
+            softmax_offset=self._softmax_offset(cfg, tp_group),
         )
         self.linear_proj = RowParallelLinear(
             cfg.num_attention_heads * self.head_dim,
@@ -180,6 +228,24 @@ class SelfAttention(nn.Module):
             tp_group=tp_group,
             sequence_parallel=cfg.sequence_parallel,
         )
+
+    def _softmax_offset(self, cfg: MegatronConfig, tp_group: dist.ProcessGroup | None) -> torch.Tensor | None:
+        """This rank's [heads] sink logits of --softmax-type: None (vanilla), zeros (off-by-one), or a
+        parameter drawn with the init method (learnable; Megatron's N(0, --init-method-std)), drawn whole
+        and sharded by head over TP so that one seed gives the same model at any TP size."""
+        if cfg.softmax_type == "vanilla":
+            return None
+        if cfg.softmax_type == "off-by-one":
+            return torch.zeros(self.num_heads)
+        tp_size, tp_rank = (1, 0)
+        if tp_group is not None:
+            tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        offset = init_sharded_weight(
+            (cfg.num_attention_heads,), init_method_normal(cfg.init_method_std), 0, tp_rank, tp_size
+        )
+        offset = nn.Parameter(offset)
+        set_tensor_model_parallel_attributes(offset, True, 0, 1)
+        return offset
 
     def forward(
         self,
@@ -212,7 +278,8 @@ class SelfAttention(nn.Module):
         """
         query, key, value = self._split_qkv(qkv, rotary)
         key, value = kv_cache.update(self.layer_number, key, value)  # [cached + 1, b, groups, d]
-        return attend_newest(query, key, value, self.core_attention.window_left)  # [1, b, heads*d]
+        core = self.core_attention
+        return attend_newest(query, key, value, core.window_left, core.softmax_offset)  # [1, b, heads*d]
 
     def _split_qkv(
         self, qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None

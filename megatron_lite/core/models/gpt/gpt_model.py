@@ -11,7 +11,7 @@ from megatron_lite.core.models.gpt.decode import DecodePlan
 from megatron_lite.core.models.gpt.embedding import LanguageModelEmbedding
 from megatron_lite.core.models.gpt.kv_cache import KVCache, select_decode_linear
 from megatron_lite.core.models.gpt.mlp import MLP
-from megatron_lite.core.models.gpt.rope import RotaryEmbedding
+from megatron_lite.core.models.gpt.rope import RotaryEmbedding, yarn_scaling
 from megatron_lite.core.models.gpt.transformer_block import TransformerBlock
 from megatron_lite.core.models.gpt.transformer_layer import TransformerLayer
 from megatron_lite.core.tensor_parallel import (
@@ -20,6 +20,7 @@ from megatron_lite.core.tensor_parallel import (
     seed_model_parallel_rng,
     vocab_parallel_cross_entropy,
 )
+from megatron_lite.core.transformer.moe.parallel import ExpertParallelState, build_expert_parallel_state
 from megatron_lite.parallel_state import ParallelState
 
 
@@ -31,9 +32,23 @@ class GPTModel(nn.Module):
     seed gives the same full model at any TP size. Building also resets the process-wide RNG tracker
     to Megatron's streams for cfg.seed and this TP rank (attention dropout and sequence-parallel dropout
     draw from it); dropout elsewhere uses the default generator, which the caller seeds.
+
+    A pipeline stage is a GPTModel with Megatron's pre_process (it has the embedding), post_process (the
+    final norm and output layer) and the global numbers of its transformer layers; it draws the weights
+    of the pieces it leaves out too, so each piece it keeps has the whole model's initial weights. On a
+    last stage without the embedding, tied embeddings get an output-layer weight of their own that starts
+    as the word embeddings (Megatron marks it `shared`; its gradient is summed with the first stage's).
     """
 
-    def __init__(self, cfg: MegatronConfig, pstate: ParallelState | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MegatronConfig,
+        pstate: ParallelState | None = None,
+        *,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layers: range | None = None,
+    ) -> None:
         super().__init__()
         pstate = pstate if pstate is not None else ParallelState()
         if cfg.padded_vocab_size is None or cfg.vocab_size is None:
@@ -50,10 +65,16 @@ class GPTModel(nn.Module):
         self.vocab_size = cfg.vocab_size
         self.sequence_parallel = cfg.sequence_parallel
         self.share_embeddings_and_output_weights = not cfg.untie_embeddings_and_output_weights
+        self.pre_process, self.post_process = pre_process, post_process
+        # Expert groups (collective to build; the trivial state without --num-experts or on one process).
+        self.expert_parallel = (
+            build_expert_parallel_state(cfg, pstate) if cfg.num_experts is not None else ExpertParallelState()
+        )
 
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(cfg.seed)
-            self.embedding = LanguageModelEmbedding(cfg, self.tp_group)
+            embedding = LanguageModelEmbedding(cfg, self.tp_group)
+            self.embedding = embedding if pre_process else None
             self.rotary_pos_emb = (
                 RotaryEmbedding(
                     cfg.kv_channels,
@@ -63,12 +84,16 @@ class GPTModel(nn.Module):
                     seq_len_interpolation_factor=cfg.rotary_seq_len_interpolation_factor,
                     rope_scaling=cfg.use_rope_scaling,
                     rope_scaling_factor=cfg.rope_scaling_factor,
+                    yarn=yarn_scaling(cfg),
                 )
                 if cfg.position_embedding_type == "rope"
                 else None
             )
-            self.decoder = TransformerBlock(cfg, self.tp_group)
-            self.output_layer = ColumnParallelLinear(
+            self.decoder = TransformerBlock(
+                cfg, self.tp_group, layers=layers, post_layer_norm=post_process, ep=self.expert_parallel
+            )
+            own_output_weight = not self.share_embeddings_and_output_weights or not pre_process
+            output_layer = ColumnParallelLinear(
                 cfg.hidden_size,
                 cfg.padded_vocab_size,
                 init_method=init_method_normal(cfg.init_method_std),
@@ -77,8 +102,14 @@ class GPTModel(nn.Module):
                 tp_group=self.tp_group,
                 sequence_parallel=cfg.sequence_parallel,
                 unpadded_output_size=cfg.vocab_size,
-                skip_weight_param_allocation=self.share_embeddings_and_output_weights,
+                skip_weight_param_allocation=not own_output_weight,
             )
+            self.output_layer = output_layer if post_process else None
+        if post_process and self.share_embeddings_and_output_weights and not pre_process:
+            with torch.no_grad():
+                output_layer.weight.copy_(embedding.word_embeddings.weight)
+            output_layer.weight.shared = True
+            output_layer.weight.shared_embedding = True
         seed_model_parallel_rng(cfg.seed, pstate.tp_rank)
         # DecodePlan writes out these classes' forward; anything else decodes through the modules.
         self._stock_layers = (
@@ -91,11 +122,12 @@ class GPTModel(nn.Module):
         if pstate.device.type != "cpu":
             self.to(pstate.device)
 
-    def shared_embedding_or_output_weight(self) -> torch.Tensor:
-        """The output projection's weight [V/tp, h]: the word embedding's when tied."""
-        if self.share_embeddings_and_output_weights:
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The output projection's weight [V/tp, h]: the word embedding's when tied (on a stage that has
+        it), else the output layer's; None on a middle pipeline stage."""
+        if self.share_embeddings_and_output_weights and self.pre_process:
             return self.embedding.word_embeddings.weight
-        return self.output_layer.weight
+        return self.output_layer.weight if self.post_process else None
 
     def init_kv_cache(self, batch_size: int, max_seq_len: int, decode_linear: str = "auto") -> KVCache:
         """An empty KV cache for up to max_seq_len positions of batch_size sequences.
@@ -122,6 +154,7 @@ class GPTModel(nn.Module):
         kv_cache: KVCache | None = None,
         *,
         last_position_only: bool = False,
+        decoder_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [b, s] -> per-token loss [b, s] fp32 if labels are given, else logits [b, s, V_pad/tp].
 
@@ -132,7 +165,19 @@ class GPTModel(nn.Module):
         last_position_only (for generation, without labels): logits [b, 1, V_pad/tp] of the last position
         alone. Decoding needs only those, and the output layer is then one row instead of s (for a 50k
         vocabulary and a long prompt, as much work as the rest of the model).
+
+        A pipeline stage without pre_process takes the previous stage's hidden states as decoder_input
+        [s, b, h] (tokens may be None; position_ids are then required); one without post_process returns
+        its hidden states.
         """
+        if not self.pre_process:
+            if decoder_input is None or position_ids is None:
+                raise ValueError(
+                    "a pipeline stage without the embedding needs decoder_input and position_ids"
+                )
+            rotary = self.rotary_pos_emb(position_ids) if self.rotary_pos_emb is not None else None
+            hidden = self.decoder(decoder_input, attention_mask, rotary)
+            return self._postprocess(hidden, labels) if self.post_process else hidden
         if last_position_only and (labels is not None or self.sequence_parallel):
             raise ValueError("last_position_only gives logits: it takes no labels and no --sequence-parallel")
         b, s = tokens.shape
@@ -149,6 +194,8 @@ class GPTModel(nn.Module):
         hidden = self.embedding(tokens, position_ids)  # [s, b, h] ([s/tp, b, h] under SP)
         rotary = self.rotary_pos_emb(position_ids) if self.rotary_pos_emb is not None else None
         hidden = self.decoder(hidden, attention_mask, rotary, kv_cache)
+        if not self.post_process:
+            return hidden
         if last_position_only:
             hidden = hidden[-1:]  # [1, b, h]
         logits, _ = self.output_layer(hidden, weight=self.shared_embedding_or_output_weight())  # [s, b, V/tp]
@@ -161,6 +208,14 @@ class GPTModel(nn.Module):
         loss = vocab_parallel_cross_entropy(
             logits, labels.t(), self.tp_group, self.vocab_size, inplace=True
         )  # [s, b]
+        return loss.t().contiguous()
+
+    def _postprocess(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Output layer (and loss with labels) of a pipeline stage that received its input."""
+        logits, _ = self.output_layer(hidden, weight=self.shared_embedding_or_output_weight())
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.tp_group, self.vocab_size, inplace=True)
         return loss.t().contiguous()
 
     def _decodes_lean(self) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,12 +36,68 @@ def llama3_scaled_inv_freq(
     return torch.where(medium, blended, stretched)
 
 
+@dataclass(frozen=True)
+class YarnScaling:
+    """YaRN's settings, as Megatron's YarnRotaryEmbedding takes them."""
+
+    scaling_factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    correction_range_round_to_int: bool = True
+
+
+# What --enable-gpt-oss sets (Megatron's ModelOpt GPT builder, "based on HuggingFace GPT-OSS configurations").
+GPT_OSS_YARN = YarnScaling(32.0, 131072, 32.0, 1.0, 1.0, 0.0, False)
+
+
+def yarn_scaling(cfg: Any) -> YarnScaling | None:
+    """The YaRN settings cfg asks for (--enable-gpt-oss), or None for plain RoPE."""
+    return GPT_OSS_YARN if getattr(cfg, "enable_gpt_oss", False) else None
+
+
+def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_positions: int) -> float:
+    """The channel index whose wavelength makes `num_rotations` turns over `max_positions` positions."""
+    return (dim * math.log(max_positions / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_inv_freq(dim: int, base: float, yarn: YarnScaling) -> tuple[torch.Tensor, float]:
+    """YaRN's [dim/2] fp32 inverse frequencies and its concentration factor (the scale on cos and sin), as
+    Megatron's YarnRotaryEmbedding: channels below the correction range keep base^(-2i/d), those above it
+    are divided by the factor, with a linear ramp between."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    extra = 1.0 / (base**exponents)
+    inter = 1.0 / (yarn.scaling_factor * base**exponents)
+    low = _yarn_correction_dim(yarn.beta_fast, dim, base, yarn.original_max_position_embeddings)
+    high = _yarn_correction_dim(yarn.beta_slow, dim, base, yarn.original_max_position_embeddings)
+    if yarn.correction_range_round_to_int:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # Megatron's guard against a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1.0 - ramp  # 1: keep the original frequency
+    inv_freq = inter * (1 - extrapolation) + extra * extrapolation
+    concentration = _yarn_mscale(yarn.scaling_factor, yarn.mscale) / _yarn_mscale(
+        yarn.scaling_factor, yarn.mscale_all_dim
+    )
+    return inv_freq, float(concentration)
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin of position x inverse frequency for the first rotary_percent of each head's channels.
 
     Layout: rotate-half by default, as Megatron (channel i pairs with i + dim/2); with rotary_interleaved,
     channel 2i pairs with 2i + 1. seq_len_interpolation_factor divides every position (linear position
-    interpolation); rope_scaling applies Llama 3.1's frequency scaling with rope_scaling_factor.
+    interpolation); rope_scaling applies Llama 3.1's frequency scaling with rope_scaling_factor; yarn
+    replaces the frequencies with YaRN's and scales cos and sin by its concentration factor (so q.k by
+    its square), as Megatron's YarnRotaryEmbedding with its mscale in apply_rotary_pos_emb.
     No parameters or buffers; the tables are computed from the position ids given, so they follow any
     position layout (offsets from a KV cache, positions reset at document boundaries).
     """
@@ -53,6 +111,7 @@ class RotaryEmbedding(nn.Module):
         seq_len_interpolation_factor: float | None = None,
         rope_scaling: bool = False,
         rope_scaling_factor: float = 8.0,
+        yarn: YarnScaling | None = None,
     ) -> None:
         super().__init__()
         self.dim = int(kv_channels * rotary_percent)
@@ -69,6 +128,10 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (self.base**exponents)  # [dim/2]
         if rope_scaling:
             inv_freq = llama3_scaled_inv_freq(inv_freq, rope_scaling_factor)
+        self.yarn = yarn
+        self.mscale = 1.0
+        if yarn is not None:
+            inv_freq, self.mscale = yarn_inv_freq(self.dim, self.base, yarn)
         self._inv_freq = {inv_freq.device: inv_freq}  # per device; not a buffer, so not in checkpoints
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
@@ -88,6 +151,8 @@ class RotaryEmbedding(nn.Module):
         else:
             angles = torch.cat((angles, angles), dim=-1)  # [f0, f1, ..., f0, f1, ...]
         angles = angles.unsqueeze(2)  # [s, b, 1, dim]
+        if self.mscale != 1.0:
+            return angles.cos() * self.mscale, angles.sin() * self.mscale
         return angles.cos(), angles.sin()
 
     def extra_repr(self) -> str:
@@ -98,6 +163,8 @@ class RotaryEmbedding(nn.Module):
             extras.append(f"seq_len_interpolation_factor={self.seq_len_interpolation_factor}")
         if self.rope_scaling:
             extras.append("llama3 scaling")
+        if self.yarn is not None:
+            extras.append(f"yarn factor={self.yarn.scaling_factor}, mscale={self.mscale:.4f}")
         return ", ".join(extras)
 
 

@@ -13,6 +13,7 @@ from megatron_lite.core.models.gpt.kv_cache import KVCache
 from megatron_lite.core.models.gpt.norms import build_norm
 from megatron_lite.core.models.gpt.transformer_layer import TransformerLayer
 from megatron_lite.core.tensor_parallel import checkpoint_with_rng_tracker
+from megatron_lite.core.transformer.moe.parallel import ExpertParallelState
 
 
 class TransformerBlock(nn.Module):
@@ -24,10 +25,23 @@ class TransformerBlock(nn.Module):
     (Selective recompute, --recompute-modules, lives in TransformerLayer and the attention.)
     """
 
-    def __init__(self, cfg: MegatronConfig, tp_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MegatronConfig,
+        tp_group: dist.ProcessGroup | None = None,
+        *,
+        layers: range | None = None,
+        post_layer_norm: bool = True,
+        ep: ExpertParallelState | None = None,
+    ) -> None:
+        """layers: the global numbers of the layers to keep (a pipeline stage's; default all). The others
+        are built and dropped, so the kept ones draw the same initial weights as in the whole model."""
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg, i, tp_group) for i in range(cfg.num_layers))
-        self.final_layernorm = build_norm(cfg, tp_group)
+        keep = range(cfg.num_layers) if layers is None else layers
+        built = (TransformerLayer(cfg, i, tp_group, ep) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(layer for layer in built if layer.layer_number in keep)
+        final_layernorm = build_norm(cfg, tp_group)
+        self.final_layernorm = final_layernorm if post_layer_norm else None
         self.recompute_full = cfg.recompute_granularity == "full"
         self.recompute_method = cfg.recompute_method
         self.recompute_num_layers = cfg.recompute_num_layers
@@ -52,7 +66,7 @@ class TransformerBlock(nn.Module):
         else:
             for layer in self.layers:
                 hidden = layer(hidden, attention_mask, cos, sin, kv_cache)
-        return self.final_layernorm(hidden)
+        return self.final_layernorm(hidden) if self.final_layernorm is not None else hidden
 
     def _chunks(self) -> list[tuple[int, int, bool]]:
         """(start, end, recompute) ranges of layers covering the stack in order."""

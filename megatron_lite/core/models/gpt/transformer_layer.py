@@ -13,6 +13,8 @@ from megatron_lite.core.models.gpt.mlp import MLP
 from megatron_lite.core.models.gpt.norms import build_norm
 from megatron_lite.core.models.gpt.recompute import CheckpointWithoutOutput
 from megatron_lite.core.tensor_parallel import Dropout, checkpoint_with_rng_tracker
+from megatron_lite.core.transformer.moe import is_moe_layer
+from megatron_lite.core.transformer.moe.parallel import ExpertParallelState
 
 
 class TransformerLayer(nn.Module):
@@ -24,14 +26,25 @@ class TransformerLayer(nn.Module):
     """
 
     def __init__(
-        self, cfg: MegatronConfig, layer_number: int, tp_group: dist.ProcessGroup | None = None
+        self,
+        cfg: MegatronConfig,
+        layer_number: int,
+        tp_group: dist.ProcessGroup | None = None,
+        ep: ExpertParallelState | None = None,
     ) -> None:
+        """ep: the expert groups, for a layer that --moe-layer-freq makes an MoE layer (its `mlp`)."""
         super().__init__()
         self.layer_number = layer_number
         self.input_layernorm = build_norm(cfg, tp_group)
         self.self_attention = SelfAttention(cfg, layer_number, tp_group)
         self.pre_mlp_layernorm = build_norm(cfg, tp_group)
-        self.mlp = MLP(cfg, tp_group)
+        if is_moe_layer(cfg, layer_number):
+            # Imported here: the MoE package builds on this package's MLP and activations.
+            from megatron_lite.core.transformer.moe.moe_layer import MoELayer
+
+            self.mlp = MoELayer(cfg, layer_number, tp_group, ep)
+        else:
+            self.mlp = MLP(cfg, tp_group)
         # The residual stream is replicated over TP ranks (default generator, equal masks) unless it is
         # sequence-sharded, when each rank's shard needs its own mask (TP stream).
         self.hidden_dropout = Dropout(cfg.hidden_dropout, use_model_parallel_rng=cfg.sequence_parallel)

@@ -1,0 +1,1 @@
+"""Transformer building blocks beyond the GPT model's own: mixture of experts."""
