@@ -401,13 +401,19 @@ class Trainer:
         schedule applies it on the last stage."""
         return (per_token.float() * loss_mask.float()).sum()
 
+    def _attention_mask(self, batch: Batch) -> torch.Tensor | None:
+        # The data loader's mask (Megatron's create_attention_mask) is plain causal unless documents are
+        # separated (--reset-attention-mask); the model is causal itself, and an explicit mask would
+        # only move attention off its fast is_causal path.
+        return batch.get("attention_mask") if self.cfg.reset_attention_mask else None
+
     def _micro_batch_loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """The micro batch's summed loss (_loss_func) through the whole model."""
         with self._autocast():
             per_token = model(
                 batch["tokens"],
                 position_ids=batch.get("position_ids"),
-                attention_mask=batch.get("attention_mask"),
+                attention_mask=self._attention_mask(batch),
                 labels=batch["labels"],
             )  # [b, s]
         return self._loss_func(per_token, batch["loss_mask"])

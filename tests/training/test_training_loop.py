@@ -264,8 +264,8 @@ def test_sigterm_saves_a_checkpoint_when_asked(tmp_path):
     assert read_latest_iteration(ckpt) == 2
 
 
-def test_trains_on_preprocessed_text(tmp_path):
-    # End to end with the data pipeline: byte-tokenised documents -> .bin/.idx -> GPTDataset -> the loop.
+def _verse_dataset(tmp_path) -> str:
+    """Byte-tokenised documents of one repeated verse, preprocessed to .bin/.idx; returns the data prefix."""
     from megatron_lite.core.datasets.preprocessing import preprocess_main
 
     corpus = tmp_path / "corpus.jsonl"
@@ -285,6 +285,12 @@ def test_trains_on_preprocessed_text(tmp_path):
             "1",
         ]
     )
+    return prefix
+
+
+def test_trains_on_preprocessed_text(tmp_path):
+    # End to end with the data pipeline: byte-tokenised documents -> .bin/.idx -> GPTDataset -> the loop.
+    prefix = _verse_dataset(tmp_path)
     flags = (
         "--num-layers 1 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --micro-batch-size 4 "
         f"--lr 2e-2 --train-iters 150 --eval-interval 150 --eval-iters 2 --num-workers 0 --peak-tflops 1 "
@@ -296,6 +302,36 @@ def test_trains_on_preprocessed_text(tmp_path):
     assert abs(first - math.log(257)) < 0.1  # uniform over the byte vocabulary at init
     # below the ~2.9 nats of English letter frequencies: it learned the repeated verse, not just unigrams
     assert last < 1.5 and result.last_validation_loss < 1.5
+
+
+def test_the_loaders_causal_mask_leaves_attention_on_its_causal_path(tmp_path, monkeypatch):
+    # Megatron's data loader makes a [b, 1, s, s] mask by default; unless documents are separated
+    # (--reset-attention-mask) it is the causal mask the model applies anyway, so the model is not given it.
+    from megatron_lite.core.models.gpt import attention
+
+    seen = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attn_mask") is None and kwargs.get("is_causal", False))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    prefix = _verse_dataset(tmp_path)
+    flags = (
+        "--num-layers 1 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
+        "--lr 1e-3 --train-iters 2 --eval-iters 0 --num-workers 0 --tokenizer-type ByteTokenizer --split 8,1,1 "
+        "--attention-dropout 0 --hidden-dropout 0 "
+        f"--data-path {prefix}_text_document --data-cache-path {tmp_path / 'cache'}"
+    )
+    with_mask = pretrain(parse_config(flags.split()))
+    assert seen and all(seen)
+    seen.clear()
+    without = pretrain(parse_config([*flags.split(), "--no-create-attention-mask-in-dataloader"]))
+    assert with_mask.losses == without.losses
+    seen.clear()
+    pretrain(parse_config([*flags.split(), "--reset-attention-mask"]))
+    assert seen and not any(seen)  # documents separated: the mask goes to the model
 
 
 def test_eod_masks_reach_the_model():
