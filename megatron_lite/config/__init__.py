@@ -13,6 +13,7 @@ from megatron_lite.config.logging import LoggingArgs, check_run
 from megatron_lite.config.model import ModelArgs, derive_model
 from megatron_lite.config.parallel import ParallelArgs, derive_parallel, pad_vocab_size
 from megatron_lite.config.profiling import ProfilingArgs, check_profiling
+from megatron_lite.config.ranges import check_ranges
 from megatron_lite.config.tokenizer import TokenizerArgs
 from megatron_lite.config.training import TrainingArgs, derive_training
 
@@ -81,6 +82,7 @@ class MegatronConfig(
     def finalize(self, world_size: int = 1, vocab_size: int | None = None) -> MegatronConfig:
         """Fill derived values and check the whole config once; raises UserError naming the flag."""
         self.world_size = world_size
+        check_ranges(self)
         if vocab_size is not None and self.vocab_size is None:
             self.vocab_size = vocab_size
         derive_model(self)
