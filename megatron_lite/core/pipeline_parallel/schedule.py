@@ -105,7 +105,8 @@ class PipelineSchedule:
         self._loss_func, self._weights, self._losses = loss_func, weights, []
         schedule = self._schedule(len(batches))
         kwargs = {"position_ids": torch.cat([_position_ids(b) for b in batches])}
-        if batches[0].get("attention_mask") is not None:
+        # As on one stage (Trainer._attention_mask): the loader's mask matters only with separated documents.
+        if batches[0].get("attention_mask") is not None and self.chunks[0].config.reset_attention_mask:
             kwargs["attention_mask"] = torch.cat([b["attention_mask"] for b in batches])
         kwargs["labels"] = torch.cat([b["labels"] for b in batches])
         target = torch.cat([b["loss_mask"] for b in batches])
