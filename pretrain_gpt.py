@@ -18,6 +18,7 @@ def main() -> int:
         backend=cfg.distributed_backend,
         timeout_minutes=cfg.distributed_timeout_minutes,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        context_parallel_size=cfg.context_parallel_size,
     )
     try:
         pretrain(cfg, pstate)

@@ -1,4 +1,4 @@
-"""Process groups for tensor, data and pipeline parallelism, built from torchrun's environment."""
+"""Process groups for tensor, context, data and pipeline parallelism, built from torchrun's environment."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from megatron_lite.errors import fail
 
 @dataclass
 class ParallelState:
-    """Where this process sits in the (pp, dp, tp) grid; in Megatron's rank order TP ranks are adjacent,
-    then DP, then PP (rank = tp_rank + tp * (dp_rank + dp * pp_rank))."""
+    """Where this process sits in the (pp, dp, cp, tp) grid; in Megatron's rank order TP ranks are adjacent,
+    then CP, then DP, then PP (rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank)))."""
 
     rank: int = 0
     world_size: int = 1
@@ -31,6 +31,13 @@ class ParallelState:
     pp_group: dist.ProcessGroup | None = None
     # The first and last pipeline stage at this (dp, tp) place: they hold the tied word embeddings.
     embedding_group: dist.ProcessGroup | None = None
+    # Context parallelism: the ranks holding the other chunks of the same sequences.
+    cp_rank: int = 0
+    cp_size: int = 1
+    cp_group: dist.ProcessGroup | None = None
+    # The ranks that hold the same weights and different data (DP x CP): gradients and the summed loss
+    # are reduced over them (Megatron's data-parallel group with context parallelism). DP alone at CP=1.
+    dp_cp_group: dist.ProcessGroup | None = None
     mesh: DeviceMesh | None = None
     device: torch.device = torch.device("cpu")
 
@@ -46,6 +53,15 @@ class ParallelState:
     @property
     def is_first_rank(self) -> bool:
         return self.rank == 0
+
+    @property
+    def grad_group(self) -> dist.ProcessGroup | None:
+        """The group gradients, loss sums and optimizer shards are reduced over: DP, or DP x CP."""
+        return self.dp_cp_group if self.cp_size > 1 else self.dp_group
+
+    @property
+    def grad_size(self) -> int:
+        return self.dp_size * self.cp_size
 
     @property
     def is_pipeline_first_stage(self) -> bool:
@@ -74,16 +90,18 @@ def initialize_parallel(
     backend: str | None = None,
     timeout_minutes: float = 10.0,
     pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
 ) -> ParallelState:
-    """Join the process group torchrun describes (if any) and build the (pp, dp, tp) mesh."""
+    """Join the process group torchrun describes (if any) and build the (pp, dp, cp, tp) mesh."""
     torch_device = pick_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1 and not dist.is_initialized():
-        if tensor_model_parallel_size * pipeline_model_parallel_size != 1:
+        needed = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
+        if needed != 1:
             fail(
                 f"--tensor-model-parallel-size {tensor_model_parallel_size} x --pipeline-model-parallel-size "
-                f"{pipeline_model_parallel_size} needs that many processes; launch with torchrun "
-                f"--nproc_per_node={tensor_model_parallel_size * pipeline_model_parallel_size}"
+                f"{pipeline_model_parallel_size} x --context-parallel-size {context_parallel_size} needs that "
+                f"many processes; launch with torchrun --nproc_per_node={needed}"
             )
         return ParallelState(device=torch_device)
     if backend == "nccl" and torch_device.type != "cuda":
@@ -99,18 +117,18 @@ def initialize_parallel(
             **_restart_store(timeout),
         )
     world_size = dist.get_world_size()
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    if world_size % (tp * pp) != 0:
+    tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+    if world_size % (tp * pp * cp) != 0:
         fail(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-            f"--pipeline-model-parallel-size {pp}"
+            f"--pipeline-model-parallel-size {pp}" + (f" x --context-parallel-size {cp}" if cp > 1 else "")
         )
-    dp = world_size // (tp * pp)
-    # Row-major over (pp, dp, tp): Megatron's order, TP fastest.
+    dp = world_size // (tp * pp * cp)
+    # Row-major over (pp, dp, cp, tp): Megatron's order, TP fastest.
     mesh = init_device_mesh(
         torch_device.type,
-        (pp, dp, tp),
-        mesh_dim_names=("pp", "dp", "tp"),
+        (pp, dp, cp, tp),
+        mesh_dim_names=("pp", "dp", "cp", "tp"),
         backend_override=_subgroup_timeouts(dist.get_backend(), timeout),
     )
     return ParallelState(
@@ -126,6 +144,10 @@ def initialize_parallel(
         pp_size=pp,
         pp_group=mesh["pp"].get_group(),
         embedding_group=_embedding_group(mesh, timeout) if pp > 1 else None,
+        cp_rank=mesh.get_local_rank("cp"),
+        cp_size=cp,
+        cp_group=mesh["cp"].get_group(),
+        dp_cp_group=_dp_cp_group(mesh, timeout) if cp > 1 else None,
         mesh=mesh,
         device=torch_device,
     )
@@ -161,7 +183,7 @@ def _subgroup_timeouts(backend: str, timeout: datetime.timedelta) -> dict[str, t
     else:
         return None
     options._timeout = timeout
-    return {"pp": (backend, options), "dp": (backend, options), "tp": (backend, options)}
+    return {name: (backend, options) for name in ("pp", "dp", "cp", "tp")}
 
 
 def _embedding_group(mesh: DeviceMesh, timeout: datetime.timedelta) -> dist.ProcessGroup:
@@ -169,11 +191,25 @@ def _embedding_group(mesh: DeviceMesh, timeout: datetime.timedelta) -> dist.Proc
 
     Every rank creates every group (new_group is collective), in the same order.
     """
-    ranks = mesh.mesh  # [pp, dp, tp] global ranks
+    ranks = mesh.mesh  # [pp, dp, cp, tp] global ranks
     mine = None
     for d in range(ranks.shape[1]):
-        for t in range(ranks.shape[2]):
-            members = [int(ranks[0, d, t]), int(ranks[-1, d, t])]
+        for c in range(ranks.shape[2]):
+            for t in range(ranks.shape[3]):
+                members = [int(ranks[0, d, c, t]), int(ranks[-1, d, c, t])]
+                group = dist.new_group(members, timeout=timeout)
+                if dist.get_rank() in members:
+                    mine = group
+    return mine
+
+
+def _dp_cp_group(mesh: DeviceMesh, timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """The DP x CP ranks at this rank's (pp, tp) place: one group per place, all created by every rank."""
+    ranks = mesh.mesh  # [pp, dp, cp, tp]
+    mine = None
+    for p in range(ranks.shape[0]):
+        for t in range(ranks.shape[3]):
+            members = sorted(int(r) for r in ranks[p, :, :, t].flatten())
             group = dist.new_group(members, timeout=timeout)
             if dist.get_rank() in members:
                 mine = group

@@ -145,8 +145,6 @@ _BY_DEST: dict[str, Policy] = {
     "use_precision_aware_optimizer": _refused(
         "the precision-aware optimizer needs Transformer Engine's FusedAdam on a GPU"
     ),
-    "context_parallel_size": _later(15, "context parallelism", 1),
-    "cp_comm_type": _later(15, "context parallelism", "p2p", gate=_CP),
     "hierarchical_context_parallel_sizes": _later(15, "context parallelism", gate=_CP),
     "hybrid_context_parallel": _later(15, "context parallelism"),
     "multi_latent_attention": _later(14, "multi-latent attention"),

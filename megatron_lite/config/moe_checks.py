@@ -41,7 +41,11 @@ def parse_moe_layer_freq(value: Any, num_layers: int) -> list[int]:
     """--moe-layer-freq as the per-layer pattern (1 = MoE layer): an int N puts MoE at layers 0, N, 2N, ...;
     a string is Megatron's list expression, e.g. "([0]*1+[1]*3)" or "([1]*3+[0]*2)*2", read by a small
     parser of lists, '+', '*' and parentheses (Megatron evals it)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]  # a YAML or flag value that arrived as a one-element list
     if isinstance(value, list):
+        if not all(isinstance(v, int) or (isinstance(v, str) and v.isdigit()) for v in value):
+            fail(f"--moe-layer-freq {value}: a list pattern holds only 0 (dense) and 1 (MoE)")
         pattern = [int(v) for v in value]
     elif isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
         freq = int(value)
@@ -53,7 +57,9 @@ def parse_moe_layer_freq(value: Any, num_layers: int) -> list[int]:
     if any(v not in (0, 1) for v in pattern):
         fail(f"--moe-layer-freq {value}: the pattern may only hold 0 (dense) and 1 (MoE)")
     if len(pattern) != num_layers:
-        fail(f"--moe-layer-freq {value}: the pattern has {len(pattern)} entries but --num-layers is {num_layers}")
+        fail(
+            f"--moe-layer-freq {value}: the pattern has {len(pattern)} entries but --num-layers is {num_layers}"
+        )
     return pattern
 
 
@@ -192,7 +198,9 @@ def _check_router(cfg: Any) -> None:
         if groups <= 0 or e % groups != 0:
             fail(f"--moe-router-num-groups {groups} must divide --num-experts {e}")
         if not 1 <= group_topk <= groups:
-            fail(f"--moe-router-group-topk {group_topk} must be between 1 and --moe-router-num-groups {groups}")
+            fail(
+                f"--moe-router-group-topk {group_topk} must be between 1 and --moe-router-num-groups {groups}"
+            )
         if topk % group_topk != 0 or topk // group_topk > e // groups:
             fail(
                 f"--moe-router-topk {topk} must be a multiple of --moe-router-group-topk {group_topk} and pick "
@@ -208,7 +216,9 @@ def _check_router(cfg: Any) -> None:
     if size is not None and size <= 0:
         fail(f"--moe-shared-expert-intermediate-size must be positive, got {size}")
     if size is not None and cfg.add_bias_linear:
-        fail("--moe-shared-expert-intermediate-size: shared experts have no biases (as in Megatron); add --disable-bias-linear")
+        fail(
+            "--moe-shared-expert-intermediate-size: shared experts have no biases (as in Megatron); add --disable-bias-linear"
+        )
     if cfg.moe_shared_expert_gate and size is None:
         fail("--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
 
@@ -234,7 +244,9 @@ def _check_parallel(cfg: Any) -> None:
             "yet (issue 14)"
         )
     if cfg.moe_ffn_hidden_size % etp != 0:
-        fail(f"--moe-ffn-hidden-size {cfg.moe_ffn_hidden_size} is not divisible by --expert-tensor-parallel-size {etp}")
+        fail(
+            f"--moe-ffn-hidden-size {cfg.moe_ffn_hidden_size} is not divisible by --expert-tensor-parallel-size {etp}"
+        )
     if etp > 1 and cfg.add_bias_linear:
         fail("expert biases need --expert-tensor-parallel-size 1 (as in Megatron); add --disable-bias-linear")
     if tp > 1 and not cfg.sequence_parallel:

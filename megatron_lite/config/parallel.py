@@ -81,6 +81,16 @@ class ParallelArgs:
         group="parallel",
     )
     distributed_timeout_minutes: float = _f(10.0, "Timeout of collectives, in minutes.", group="parallel")
+    context_parallel_size: int = _f(
+        1, "Context-parallel size: ranks that each hold 2 of 2C chunks of every sequence.", group="parallel"
+    )
+    cp_comm_type: list[str] = _f(
+        ["p2p"],
+        "How attention sees the other ranks' keys and values: p2p (a ring) or all_gather.",
+        choices=["p2p", "all_gather"],
+        nargs="+",
+        group="parallel",
+    )
 
 
 # Megatron's --recompute-modules choices: the ones megatron-lite's GPT has, and what the others belong to.
@@ -110,7 +120,10 @@ def derive_parallel(cfg: Any) -> None:
     if cfg.world_size % tp != 0:
         fail(f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size {tp}")
     derive_pipeline(cfg)
-    cfg.data_parallel_size = cfg.world_size // (tp * cfg.pipeline_model_parallel_size)
+    derive_context_parallel(cfg)
+    cfg.data_parallel_size = cfg.world_size // (
+        tp * cfg.pipeline_model_parallel_size * cfg.context_parallel_size
+    )
     if cfg.overlap_param_gather and not cfg.use_distributed_optimizer:
         fail("--overlap-param-gather needs --use-distributed-optimizer")
     if cfg.overlap_param_gather and not cfg.overlap_grad_reduce:
@@ -245,3 +258,41 @@ def derive_pipeline(cfg: Any) -> None:
                 f"interleaved pipeline parallelism needs the micro batches per step ({micro_batches}) to be a "
                 f"multiple of --pipeline-model-parallel-size {pp}"
             )
+
+
+def derive_context_parallel(cfg: Any) -> None:
+    """What context parallelism needs of the run, one line each (Megatron's checks and ours)."""
+    cp = cfg.context_parallel_size
+    if len(set(cfg.cp_comm_type)) > 1 or len(cfg.cp_comm_type) not in (1, cfg.num_layers):
+        fail(
+            f"--cp-comm-type {' '.join(cfg.cp_comm_type)}: give one type (per-layer types are not implemented)"
+        )
+    if cp == 1:
+        return
+    group = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cp
+    if cfg.world_size % group != 0:
+        fail(
+            f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size "
+            f"{cfg.tensor_model_parallel_size} x --pipeline-model-parallel-size "
+            f"{cfg.pipeline_model_parallel_size} x --context-parallel-size {cp}"
+        )
+    if cfg.seq_length % (2 * cp) != 0:
+        fail(
+            f"--seq-length {cfg.seq_length} is not divisible by 2 x --context-parallel-size {cp} = {2 * cp}: "
+            "context parallelism splits each sequence into that many equal chunks"
+        )
+    if cfg.sequence_parallel and (cfg.seq_length // cp) % cfg.tensor_model_parallel_size != 0:
+        fail(
+            f"--sequence-parallel needs each context-parallel rank's {cfg.seq_length // cp} positions "
+            f"divisible by TP size {cfg.tensor_model_parallel_size}"
+        )
+    unsupported = {
+        "attention_dropout": cfg.attention_dropout > 0,
+        "reset_attention_mask": cfg.reset_attention_mask,
+        "num_experts": cfg.num_experts is not None,
+        "pipeline_model_parallel_size": cfg.pipeline_model_parallel_size > 1,
+        "softmax_type": getattr(cfg, "softmax_type", "vanilla") != "vanilla",
+    }
+    for name, given in unsupported.items():
+        if given:
+            fail(f"{flag_name(name)} with --context-parallel-size {cp} is not implemented yet (issue 15)")

@@ -104,6 +104,7 @@ RANGES: dict[str, str] = {
     # parallelism and run
     "tensor_model_parallel_size": "positive",
     "pipeline_model_parallel_size": "positive",
+    "context_parallel_size": "positive",
     "num_layers_per_virtual_pipeline_stage": "positive",
     "num_virtual_stages_per_pipeline_rank": "positive",
     "decoder_first_pipeline_num_layers": "nonneg",

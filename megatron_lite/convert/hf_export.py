@@ -14,7 +14,7 @@ import torch
 
 from megatron_lite.config import MegatronConfig
 from megatron_lite.config.fields import flag_name
-from megatron_lite.convert import gpt2, llama, mistral, qwen3
+from megatron_lite.convert import gpt2, llama, mistral, mixtral, qwen3
 from megatron_lite.convert.common import TensorSource, require_hf, sliding_window
 from megatron_lite.errors import fail
 from megatron_lite.training.checkpointing import (
@@ -112,6 +112,13 @@ def _family_of(cfg: MegatronConfig) -> ModuleType:
     pos, norm = cfg.position_embedding_type, cfg.normalization
     if pos == "learned_absolute" and norm == "LayerNorm":
         return gpt2
+    if getattr(cfg, "num_experts", None) is not None:
+        if pos == "rope" and norm == "RMSNorm" and not cfg.qk_layernorm:
+            return mixtral
+        fail(
+            f"cannot export this MoE model: {mixtral.HF_ARCHITECTURE}, the HF MoE architecture exported here, "
+            "is RMSNorm with rope and no --qk-layernorm"
+        )
     if pos == "rope" and norm == "RMSNorm":
         if cfg.qk_layernorm:
             return qwen3

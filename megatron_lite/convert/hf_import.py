@@ -16,14 +16,14 @@ import yaml
 
 from megatron_lite.arguments.render import as_flags
 from megatron_lite.config import MegatronConfig
-from megatron_lite.convert import gpt2, llama, mistral, qwen3
+from megatron_lite.convert import gpt2, llama, mistral, mixtral, qwen3
 from megatron_lite.convert.common import TensorSource, require_hf
 from megatron_lite.convert.hf_export import TOKENIZER_CONFIG_KEY
 from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training.checkpointing import VOCAB_PARAM_SUFFIXES, read_latest_iteration, save_checkpoint
 
-FAMILIES = {family.MODEL_TYPE: family for family in (gpt2, llama, qwen3, mistral)}
+FAMILIES = {family.MODEL_TYPE: family for family in (gpt2, llama, qwen3, mistral, mixtral)}
 # Written next to the checkpoint: the model settings every run that loads it must use (--yaml-cfg).
 ARGS_FILENAME = "imported_model.yaml"
 MODEL_FIELDS = (

@@ -95,11 +95,17 @@ def micro_batch_loss_weights(
     token mean.
     """
     if not calculate_per_token_loss:
+        if pstate.cp_size > 1:
+            # Context parallelism: a micro batch's tokens are spread over the CP ranks. Its mean is over
+            # all of them, and DDP's average over DP x CP divides by CP once more: give it back.
+            num_tokens = num_tokens.clone()
+            dist.all_reduce(num_tokens, group=pstate.cp_group)
+            return pstate.cp_size / (num_tokens.clamp(min=1) * len(num_tokens))
         return 1.0 / (num_tokens.clamp(min=1) * len(num_tokens))
     total = num_tokens.sum()
-    if pstate.dp_size > 1:
-        dist.all_reduce(total, group=pstate.dp_group)
-    return (pstate.dp_size / total.clamp(min=1)).expand(len(num_tokens))
+    if pstate.grad_size > 1:
+        dist.all_reduce(total, group=pstate.grad_group)
+    return (pstate.grad_size / total.clamp(min=1)).expand(len(num_tokens))
 
 
 def all_reduce_gradients(
@@ -113,7 +119,7 @@ def all_reduce_gradients(
     gradients are packed per dtype into flat buckets of at most `bucket_numel` elements (Megatron's
     default bucket size), each divided by the DP size (before the sum, as torch's DDP) and all-reduced.
     """
-    if pstate.dp_size <= 1:
+    if pstate.grad_size <= 1:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for param in parameters:
@@ -121,8 +127,8 @@ def all_reduce_gradients(
             by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
     for grads in by_dtype.values():
         for bucket in _buckets(grads, bucket_numel):
-            flat = torch.cat([g.reshape(-1) for g in bucket]).div_(pstate.dp_size)
-            dist.all_reduce(flat, group=pstate.dp_group)
+            flat = torch.cat([g.reshape(-1) for g in bucket]).div_(pstate.grad_size)
+            dist.all_reduce(flat, group=pstate.grad_group)
             for grad, chunk in zip(bucket, torch.split(flat, [g.numel() for g in bucket])):
                 grad.copy_(chunk.view_as(grad))
 

@@ -113,13 +113,13 @@ def build_optimizer(
         devices = {p.device.type for g in groups for p in g["params"]}
         if len(devices) == 1 and devices <= set(_FUSED_DEVICES):
             kwargs["fused"] = True
-    if cfg.use_distributed_optimizer and pstate.dp_size > 1:
+    if cfg.use_distributed_optimizer and pstate.grad_size > 1:
         # Imported here: torch.distributed.optim scripts TorchScript functions at import, slow and noisy.
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         zero_class = overlapped_gather_class() if cfg.overlap_param_gather else ZeroRedundancyOptimizer
         optimizer = zero_class(
-            groups, optimizer_class=optimizer_class, process_group=pstate.dp_group, **kwargs
+            groups, optimizer_class=optimizer_class, process_group=pstate.grad_group, **kwargs
         )
         if cfg.overlap_param_gather:
             optimizer.install_forward_pre_hooks(unwrap_model(model))

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megatron_lite.arguments.report import startup_lines
 from megatron_lite.config import MegatronConfig
+from megatron_lite.core.context_parallel import apply_context_parallel, split_batch_for_cp
 from megatron_lite.core.datasets.builder import build_train_valid_test_datasets
 from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.core.performance import configure_matmul_precision
@@ -171,6 +172,11 @@ def setup_config(cfg: MegatronConfig, pstate: ParallelState) -> Tokenizer | None
             f"--pipeline-model-parallel-size {cfg.pipeline_model_parallel_size} does not match the process "
             f"groups (PP size {pstate.pp_size}); pass the same value to initialize_parallel"
         )
+    if cfg.context_parallel_size != pstate.cp_size:
+        fail(
+            f"--context-parallel-size {cfg.context_parallel_size} does not match the process "
+            f"groups (CP size {pstate.cp_size}); pass the same value to initialize_parallel"
+        )
     check_precision(cfg, pstate.device)
     return tokenizer
 
@@ -233,6 +239,9 @@ class Trainer:
         else:
             self.module = model_provider(cfg, pstate).to(pstate.device)
             self.chunks = [self.module]
+        apply_context_parallel(
+            self.module, pstate.cp_group if pstate.cp_size > 1 else None, cfg.cp_comm_type[0]
+        )
         # What checkpoints see: the whole model's names (global layer numbers) for this rank's parameters.
         self.checkpoint_module = checkpoint_module(self.chunks) if self.pipeline is not None else self.module
         num_params = sum(p.numel() for p in self.module.parameters())
@@ -245,12 +254,12 @@ class Trainer:
         # Mixture of experts: expert gradients and router state bypass DDP (None without --num-experts).
         self.moe = MoETrainingHooks.build(cfg, pstate, self.module)
         self.moe_losses: dict[str, torch.Tensor] | None = None
-        if pstate.dp_size > 1 and self.pipeline is None:
+        if pstate.grad_size > 1 and self.pipeline is None:
             if self.moe is not None:
                 self.moe.ignore_in_ddp(forward_module)
             self.ddp = DistributedDataParallel(
                 forward_module,
-                process_group=pstate.dp_group,
+                process_group=pstate.grad_group,  # DP, or DP x CP: same weights, different tokens
                 device_ids=[pstate.device.index] if pstate.device.type == "cuda" else None,
             )
         self.model = self.ddp if self.ddp is not None else forward_module
@@ -386,7 +395,9 @@ class Trainer:
                 fail(
                     f"the {what} data ran out at iteration {self.iteration}; the dataset is smaller than requested"
                 )
-            batches.append({k: v.to(self.pstate.device, non_blocking=True) for k, v in batch.items()})
+            batch = {k: v.to(self.pstate.device, non_blocking=True) for k, v in batch.items()}
+            # Context parallelism: this rank's 2 of the 2C chunks of each sequence (global positions kept).
+            batches.append(split_batch_for_cp(batch, self.pstate.cp_size, self.pstate.cp_rank))
         return batches
 
     # ---- one step --------------------------------------------------------------------------------
@@ -419,8 +430,9 @@ class Trainer:
         return self._loss_func(per_token, batch["loss_mask"])
 
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.pstate.dp_size > 1:
-            dist.all_reduce(value, group=self.pstate.dp_group)
+        """Summed over the ranks that hold other tokens of the global batch (DP, and CP)."""
+        if self.pstate.grad_size > 1:
+            dist.all_reduce(value, group=self.pstate.grad_group)
         return value
 
     def _grad_sync(self, last: bool):
@@ -464,7 +476,7 @@ class Trainer:
                     timers("backward-compute").stop()
                 loss_sum += loss.detach()
         if (self.ddp is not None and not cfg.overlap_grad_reduce) or (
-            self.pipeline is not None and self.pstate.dp_size > 1
+            self.pipeline is not None and self.pstate.grad_size > 1
         ):
             timers("all-grads-sync", log_level=1).start()
             all_reduce_gradients([p for p in self.params if not getattr(p, "is_expert", False)], self.pstate)

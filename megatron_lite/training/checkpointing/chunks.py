@@ -138,7 +138,9 @@ class ChunkLoadPlanner(DefaultLoadPlanner):
         kwargs.setdefault("flatten_sharded_tensors", False)
         super().__init__(*args, **kwargs)
 
-    def set_up_planner(self, state_dict: dict[str, Any], metadata: Any = None, is_coordinator: bool = False) -> None:
+    def set_up_planner(
+        self, state_dict: dict[str, Any], metadata: Any = None, is_coordinator: bool = False
+    ) -> None:
         # DCP's set-up replaces, in place, every entry of a type it does not know with None.
         kept = {key: value for key, value in state_dict.items() if isinstance(value, Chunks)}
         super().set_up_planner(state_dict, metadata, is_coordinator)

@@ -1,8 +1,8 @@
 """Which tensors a checkpoint holds and the key each is stored under: the one place on-disk naming lives."""
 
-# Keys today: "model.<parameter or buffer name>" for the model, "optimizer.state.<parameter name>.<state>"
-# (exp_avg, exp_avg_sq, step) for the optimizer. A change of naming (Megatron-LM's own keys) replaces this
-# module; the savers and loaders only ask it for keys.
+# The previous layout's keys: "model.<parameter or buffer name>" for the model,
+# "optimizer.state.<parameter name>.<state>" for the optimizer, still read by load. Saves use Megatron's
+# keys (megatron_keys); named_model_tensors and is_vocab_param serve both.
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from megatron_lite.config import MegatronConfig
 from megatron_lite.config.model import is_layer_window_attention
+from megatron_lite.core.context_parallel.attention import context_parallel_attention
 from megatron_lite.core.models.gpt.kv_cache import KVCache
 from megatron_lite.core.models.gpt.norms import build_norm
 from megatron_lite.core.models.gpt.rope import apply_rotary_pos_emb
@@ -65,6 +66,9 @@ class DotProductAttention(nn.Module):
             self.softmax_offset = softmax_offset
         else:
             self.register_buffer("softmax_offset", softmax_offset, persistent=False)
+        # (cp_group, comm_type) once core/context_parallel.apply_context_parallel has run: attention then
+        # spans the sequence chunks of the whole CP group.
+        self.context_parallel: tuple[dist.ProcessGroup, str] | None = None
 
     def forward(
         self,
@@ -78,6 +82,17 @@ class DotProductAttention(nn.Module):
         Queries are the last sq of sk positions (sk > sq with a KV cache). Returns [sq, b, heads*d].
         """
         sq, b = query.shape[:2]
+        if self.context_parallel is not None:
+            group, comm_type = self.context_parallel
+            out = context_parallel_attention(
+                query.permute(1, 2, 0, 3),
+                key.permute(1, 2, 0, 3),
+                value.permute(1, 2, 0, 3),
+                group,
+                comm_type,
+                self.window_left,
+            )  # [b, heads, sq, d]
+            return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
         sk = key.shape[0]
         dropout = self.training and self.attention_dropout.p > 0.0
         if sq == 1 and sk > 1 and attention_mask is None and not dropout:

@@ -19,13 +19,22 @@ def save(
     reduce_tp: bool = False,
     reduce_has_dp: bool = False,
 ) -> None:
-    """Add one micro batch's value of a loss (without its coefficient) to layer `layer_number` (1-based)."""
+    """Add one micro batch's value of a loss (without its coefficient) to layer `layer_number` (1-based).
+
+    Not when activation recompute reruns the forward inside backward: that micro batch was counted."""
+    if in_recompute():
+        return
     entry = _TRACKER.get(name)
     if entry is None:
         entry = _TRACKER[name] = {"values": torch.zeros(num_layers, device=loss.device)}
     entry["values"][layer_number - 1] += loss.detach().float()
     entry["reduce_tp"] = reduce_tp
     entry["reduce_has_dp"] = reduce_has_dp
+
+
+def in_recompute() -> bool:
+    """Whether this forward is a recomputation inside backward (a backward graph task is running)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def clear() -> None:

@@ -43,7 +43,9 @@ class Experts(nn.Module):
     [n, h], partial sums over the expert-TP group when ETP > 1 (the dispatcher reduces them).
     """
 
-    def __init__(self, cfg, num_local_experts: int, local_offset: int, etp_rank: int = 0, etp_size: int = 1) -> None:
+    def __init__(
+        self, cfg, num_local_experts: int, local_offset: int, etp_rank: int = 0, etp_size: int = 1
+    ) -> None:
         super().__init__()
         self.num_local_experts = num_local_experts
         self.activation_func = activation_func(cfg)
@@ -140,7 +142,5 @@ class _GroupedMM(torch.autograd.Function):
         x, weight, offs = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = torch._grouped_mm(grad, weight.contiguous(), offs=offs)
-        grad_w = torch.stack(
-            [g.t().matmul(xi) for g, xi in zip(grad.split(ctx.counts), x.split(ctx.counts))]
-        )
+        grad_w = torch.stack([g.t().matmul(xi) for g, xi in zip(grad.split(ctx.counts), x.split(ctx.counts))])
         return grad_x, grad_w, None, None

@@ -48,7 +48,9 @@ class MoELayer(nn.Module):
             SharedExpertMLP(cfg, tp_group) if cfg.moe_shared_expert_intermediate_size is not None else None
         )
         dispatcher = (
-            MoEAlltoAllTokenDispatcher if cfg.moe_token_dispatcher_type == "alltoall" else MoEAllGatherTokenDispatcher
+            MoEAlltoAllTokenDispatcher
+            if cfg.moe_token_dispatcher_type == "alltoall"
+            else MoEAllGatherTokenDispatcher
         )
         self.token_dispatcher = dispatcher(cfg.num_experts, self.local_expert_indices, ep)
         self.tokens_per_expert: torch.Tensor | None = None

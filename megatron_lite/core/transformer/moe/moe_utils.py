@@ -44,7 +44,9 @@ def group_limited_topk(
     group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
     score_mask = (
-        group_mask.unsqueeze(-1).expand(num_tokens, num_groups, num_experts // num_groups).reshape(num_tokens, -1)
+        group_mask.unsqueeze(-1)
+        .expand(num_tokens, num_groups, num_experts // num_groups)
+        .reshape(num_tokens, -1)
     )
     masked = scores.masked_fill(~score_mask.bool(), float("-inf"))
     return torch.topk(masked, k=topk, dim=-1)

@@ -50,7 +50,9 @@ def build_expert_parallel_state(cfg, pstate) -> ExpertParallelState:
     pp = getattr(pstate, "pp_size", 1) or 1
     if world == 1 or not dist.is_initialized():
         if ep * etp != 1:
-            fail(f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} needs that many processes")
+            fail(
+                f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size {etp} needs that many processes"
+            )
         return ExpertParallelState()
     key = (id(dist.group.WORLD), world, pp, ep, etp)
     if key in _CACHE:
@@ -158,7 +160,9 @@ class _ScatterSumVariable(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         world = len(ctx.sizes)
-        out = _all_to_all(grad.repeat(world, *[1] * (grad.dim() - 1)), ctx.sizes, [grad.shape[0]] * world, ctx.group)
+        out = _all_to_all(
+            grad.repeat(world, *[1] * (grad.dim() - 1)), ctx.sizes, [grad.shape[0]] * world, ctx.group
+        )
         return out, None, None
 
 

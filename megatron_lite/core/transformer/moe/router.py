@@ -70,7 +70,9 @@ class TopKRouter(nn.Module):
         if dtype is None:
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         weight = copy_to_tensor_model_parallel_region(self.weight, self.tp_group)
-        bias = copy_to_tensor_model_parallel_region(self.bias, self.tp_group) if self.bias is not None else None
+        bias = (
+            copy_to_tensor_model_parallel_region(self.bias, self.tp_group) if self.bias is not None else None
+        )
         with torch.autocast(device, enabled=False):
             return F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
@@ -118,23 +120,35 @@ class TopKRouter(nn.Module):
             coeff = types["seq_aux_loss"]
             seq_map, seq_scores = routing_map.reshape(seq_length, -1), scores.reshape(seq_length, -1)
             counts = self._tokens_per_expert(seq_map, self.tp_group)
-            loss = switch_load_balancing_loss_func(seq_scores, counts, seq_length * self.tp_size, k, e, coeff) / bsz
+            loss = (
+                switch_load_balancing_loss_func(seq_scores, counts, seq_length * self.tp_size, k, e, coeff)
+                / bsz
+            )
             probs = self._attach(probs, loss, coeff, "seq_load_balancing_loss", local)
         if types["global_aux_loss"] > 0:
             coeff = types["global_aux_loss"]
-            group_size = self.tp_size * (dist.get_world_size(self.dp_group) if self.dp_group is not None else 1)
+            group_size = self.tp_size * (
+                dist.get_world_size(self.dp_group) if self.dp_group is not None else 1
+            )
             counts = self._tokens_per_expert(routing_map, self.tp_group)
             if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
                 dist.all_reduce(counts, group=self.dp_group)
-            self.global_tokens_per_expert += counts
-            self.ga_steps += 1
+            if not aux_losses.in_recompute():  # recompute sees the same micro batch again
+                self.global_tokens_per_expert += counts
+                self.ga_steps += 1
             averaged = self.global_tokens_per_expert / self.ga_steps
             loss = switch_load_balancing_loss_func(scores, averaged, local * group_size, k, e, coeff)
             probs = self._attach(probs, loss, coeff, "global_load_balancing_loss", local, has_dp=True)
         return probs
 
     def _attach(
-        self, probs: torch.Tensor, loss: torch.Tensor, coeff: float, name: str, tokens: int, has_dp: bool = False
+        self,
+        probs: torch.Tensor,
+        loss: torch.Tensor,
+        coeff: float,
+        name: str,
+        tokens: int,
+        has_dp: bool = False,
     ) -> torch.Tensor:
         aux_losses.save(
             name, loss / coeff, self.layer_number, self.cfg.num_layers, reduce_tp=True, reduce_has_dp=has_dp
@@ -174,7 +188,7 @@ class TopKRouter(nn.Module):
             )
         if self._training():
             probs = self._balancing_losses(probs, logits, seq_length, bsz)
-        if self.enable_expert_bias and torch.is_grad_enabled():
+        if self.enable_expert_bias and torch.is_grad_enabled() and not aux_losses.in_recompute():
             with torch.no_grad():
                 self.local_tokens_per_expert += routing_map.sum(dim=0)
         return probs, routing_map

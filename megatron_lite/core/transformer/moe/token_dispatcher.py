@@ -104,7 +104,11 @@ class MoEAlltoAllTokenDispatcher:
             [torch.arange(int(starts[i]), int(starts[i] + sizes[i])) for i in order.tolist()]
             + [torch.zeros(0, dtype=torch.long)]
         ).to(hidden.device)
-        return x.index_select(0, self.order), local_counts.sum(dim=(0, 1)).tolist(), p.index_select(0, self.order)
+        return (
+            x.index_select(0, self.order),
+            local_counts.sum(dim=(0, 1)).tolist(),
+            p.index_select(0, self.order),
+        )
 
     def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
         ep = self.ep

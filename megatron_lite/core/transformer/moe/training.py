@@ -55,7 +55,9 @@ def update_expert_bias(module: nn.Module, cfg, tp_group, dp_group) -> None:
             dist.all_reduce(counts, group=group)
     with torch.no_grad():
         for router, c in zip(found, counts):
-            router.expert_bias.copy_(get_updated_expert_bias(c, router.expert_bias, cfg.moe_router_bias_update_rate))
+            router.expert_bias.copy_(
+                get_updated_expert_bias(c, router.expert_bias, cfg.moe_router_bias_update_rate)
+            )
             router.local_tokens_per_expert.zero_()
 
 
@@ -112,7 +114,9 @@ class MoETrainingHooks:
         """DDP must neither average the experts' gradients over all DP ranks (EP ranks hold different
         experts) nor broadcast the routers' per-rank token counts."""
         names = [n for n, p in ddp_module.named_parameters() if getattr(p, "is_expert", False)]
-        names += [n for n, _ in ddp_module.named_buffers() if n.rsplit(".", 1)[-1].endswith("tokens_per_expert")]
+        names += [
+            n for n, _ in ddp_module.named_buffers() if n.rsplit(".", 1)[-1].endswith("tokens_per_expert")
+        ]
         names += [n for n, _ in ddp_module.named_buffers() if n.endswith(".ga_steps")]
         from torch.nn.parallel import DistributedDataParallel
 

@@ -59,11 +59,15 @@ def router_case(case: dict) -> dict:
     score_function = opts.get("score_function", "softmax")
     aux_map, scores = mu.compute_routing_scores_for_aux_loss(logits, topk, score_function)
     e = logits.shape[1]
-    out["aux_loss"] = mu.switch_load_balancing_loss_func(scores, aux_map.sum(0), logits.shape[0], topk, e, 1.0)
+    out["aux_loss"] = mu.switch_load_balancing_loss_func(
+        scores, aux_map.sum(0), logits.shape[0], topk, e, 1.0
+    )
     seq = case["seq_length"]
     bsz = logits.shape[0] // seq
     seq_scores, seq_map = scores.reshape(seq, -1), aux_map.reshape(seq, -1)
-    out["seq_aux_loss"] = mu.switch_load_balancing_loss_func(seq_scores, seq_map.sum(0), seq, topk, e, 1.0) / bsz
+    out["seq_aux_loss"] = (
+        mu.switch_load_balancing_loss_func(seq_scores, seq_map.sum(0), seq, topk, e, 1.0) / bsz
+    )
     out["z_loss"] = mu.z_loss_func(logits, 1.0)
     return out
 

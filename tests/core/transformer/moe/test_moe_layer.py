@@ -32,19 +32,21 @@ def _run(layer: MoELayer, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Te
 def test_grouped_gemm_equals_expert_loop():
     torch.manual_seed(0)
     x, grad = torch.randn(8, 2, 32), torch.randn(8, 2, 32)
-    loop = MoELayer(tiny_config(**MOE), 0)
-    grouped = MoELayer(tiny_config(**MOE, moe_grouped_gemm=True), 0)
+    # A large init std: outputs of order 1, so the tolerance is a relative one.
+    loop = MoELayer(tiny_config(**MOE, init_method_std=0.5), 0)
+    grouped = MoELayer(tiny_config(**MOE, init_method_std=0.5, moe_grouped_gemm=True), 0)
     grouped.load_state_dict(loop.state_dict())
     out_loop, grads_loop = _run(loop, x, grad)
     out_grouped, grads_grouped = _run(grouped, x, grad)
-    assert out_loop.abs().max() > 0.01
-    torch.testing.assert_close(out_grouped, out_loop, rtol=0, atol=1e-6)
+    assert out_loop.abs().max() > 1.0
+    torch.testing.assert_close(out_grouped, out_loop, rtol=0, atol=1e-5)
     for name, g in grads_loop.items():
-        torch.testing.assert_close(grads_grouped[name], g, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_grouped[name], g, rtol=1e-5, atol=1e-5, msg=name)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = grouped(x)
     assert bf16.dtype == torch.bfloat16
-    torch.testing.assert_close(bf16.float(), out_loop, rtol=0.05, atol=0.02)
+    scale = out_loop.abs().max().item()
+    torch.testing.assert_close(bf16.float(), out_loop, rtol=0, atol=0.03 * scale)
 
 
 def test_experts_are_named_and_drawn_by_global_index():
@@ -54,14 +56,18 @@ def test_experts_are_named_and_drawn_by_global_index():
     full = Experts(cfg, 4, 0)
     torch.manual_seed(5)
     second_half = Experts(cfg, 2, 2)
-    assert list(second_half.state_dict()) == [k for k in full.state_dict() if k.startswith(("local_experts.2", "local_experts.3"))]
+    assert list(second_half.state_dict()) == [
+        k for k in full.state_dict() if k.startswith(("local_experts.2", "local_experts.3"))
+    ]
     for name, value in second_half.state_dict().items():
         assert torch.equal(value, full.state_dict()[name])
     # Expert-TP slices: SwiGLU's gate and up halves of the ffn dimension stay paired.
     torch.manual_seed(5)
     half_ffn = Experts(cfg, 4, 0, etp_rank=1, etp_size=2)
     w1 = full.local_experts["0"].linear_fc1.weight
-    torch.testing.assert_close(half_ffn.local_experts["0"].linear_fc1.weight, torch.cat([w1[8:16], w1[24:32]]))
+    torch.testing.assert_close(
+        half_ffn.local_experts["0"].linear_fc1.weight, torch.cat([w1[8:16], w1[24:32]])
+    )
 
 
 def test_aux_loss_gradient_follows_the_main_loss_scale():
@@ -102,3 +108,30 @@ def test_log_line_shows_moe_losses():
     # Switch loss / coeff is 1 for perfectly balanced routing and at most num_experts / topk.
     assert 0.99 < values["load_balancing_loss"] < 2.0
     assert values["z_loss"] > 0
+
+
+def test_full_recompute_keeps_losses_and_logged_values():
+    """Recompute reruns the routers in backward: the curve is unchanged and nothing is logged twice."""
+
+    def run(**extra):
+        cfg = tiny_config(
+            **MOE, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=1e-2, train_iters=3, log_interval=3,
+            global_batch_size=4, eval_iters=0, lr_warmup_iters=0, **extra,
+        )  # fmt: skip
+        result = pretrain(cfg)
+        return [v for _, v in result.losses], result.log_lines[-1].split("lm loss")[1].split("| loss scale")[
+            0
+        ]
+
+    plain = run()
+    recomputed = run(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    assert recomputed == plain
+
+
+def test_tokens_per_expert_counts_every_routed_token():
+    from megatron_lite.core.transformer.moe.training import tokens_per_expert
+
+    layer = MoELayer(tiny_config(**MOE), 0)
+    layer(torch.randn(8, 2, 32))
+    counts = tokens_per_expert(layer)[0]
+    assert counts.shape == (4,) and int(counts.sum()) == 8 * 2 * 2  # tokens x top-k, none dropped

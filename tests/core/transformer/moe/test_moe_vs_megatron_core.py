@@ -45,7 +45,12 @@ LAYER_CASES = [
         moe_shared_expert_intermediate_size=48,
     ),
     # Expert biases are left out: megatron-core 0.16.1's local-spec expert MLP fails on them (in-place add on a view).
-    dict(moe_router_topk=2, moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.1, add_bias_linear=False),
+    dict(
+        moe_router_topk=2,
+        moe_router_load_balancing_type="seq_aux_loss",
+        moe_aux_loss_coeff=0.1,
+        add_bias_linear=False,
+    ),
     dict(
         moe_router_topk=2,
         moe_router_score_function="sigmoid",
@@ -58,7 +63,10 @@ LAYER_CASES = [
         moe_expert_capacity_factor=1.0,
     ),
     dict(
-        moe_router_topk=1, moe_aux_loss_coeff=0.05, moe_router_pre_softmax=True, moe_router_dtype="fp64",
+        moe_router_topk=1,
+        moe_aux_loss_coeff=0.05,
+        moe_router_pre_softmax=True,
+        moe_router_dtype="fp64",
         add_bias_linear=False,
     ),
 ]
@@ -136,7 +144,12 @@ def test_routing_functions_equal_megatron_core(reference):
         assert torch.equal(routing_map, want["routing_map"])
         if case.get("capacity_factor") is not None:
             dp, dm = apply_router_token_dropping(
-                probs, routing_map, case["topk"], case["capacity_factor"], case["drop_policy"], case["pad_to_capacity"]
+                probs,
+                routing_map,
+                case["topk"],
+                case["capacity_factor"],
+                case["drop_policy"],
+                case["pad_to_capacity"],
             )
             assert torch.equal(dm, want["drop_map"]), case
             torch.testing.assert_close(dp, want["drop_probs"], rtol=0, atol=1e-7)
@@ -150,7 +163,10 @@ def test_router_losses_equal_megatron_core_formulas(reference):
     for case, want in zip(spec["router_cases"], ref["router_cases"]):
         if case["opts"] or case.get("capacity_factor") is not None:
             continue
-        for loss_type, name in (("aux_loss", "load_balancing_loss"), ("seq_aux_loss", "seq_load_balancing_loss")):
+        for loss_type, name in (
+            ("aux_loss", "load_balancing_loss"),
+            ("seq_aux_loss", "seq_load_balancing_loss"),
+        ):
             cfg = tiny_config(
                 num_experts=E, moe_router_topk=case["topk"], moe_router_load_balancing_type=loss_type,
                 moe_aux_loss_coeff=0.3, moe_z_loss_coeff=0.2,
@@ -185,5 +201,7 @@ def test_moe_layer_equals_megatron_core(reference):
         for name, grad in want["grads"].items():
             torch.testing.assert_close(grads[name], grad, rtol=0, atol=2e-6, msg=name)
         for name, values in want["tracker"].items():
-            torch.testing.assert_close(aux_losses._TRACKER[name]["values"][:1], values[:1].float(), rtol=1e-6, atol=0)
+            torch.testing.assert_close(
+                aux_losses._TRACKER[name]["values"][:1], values[:1].float(), rtol=1e-6, atol=0
+            )
         aux_losses.clear()
