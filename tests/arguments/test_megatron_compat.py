@@ -128,8 +128,8 @@ def test_exit_signal_takes_its_value():
             "--pipeline-model-parallel-layout Et|tL: this pipeline-parallel option is not implemented yet (issue 13)",
         ),
         (
-            ["--context-parallel-size", "4"],
-            "--context-parallel-size 4: context parallelism is not implemented yet (issue 15)",
+            ["--context-parallel-size", "2", "--hierarchical-context-parallel-sizes", "2", "1"],
+            "--hierarchical-context-parallel-sizes 2 1: context parallelism is not implemented yet (issue 15)",
         ),
         (
             ["--num-experts", "8", "--moe-layer-recompute"],
@@ -158,9 +158,7 @@ def test_parallel_sizes_of_one_are_accepted_silently():
         "--pipeline-model-parallel-size 1 --context-parallel-size 1 --expert-model-parallel-size 1".split()
     )
     assert cfg.startup_notices == []
-    assert cfg.megatron_args == {
-        "context_parallel_size": 1,
-    }
+    assert cfg.megatron_args == {}  # all three are config fields now
 
 
 def test_switches_are_reported_once_even_at_megatrons_default():
