@@ -10,7 +10,7 @@ from megatron_lite.training.training import pretrain
 
 # GPT-2 style (learned positions) and LLaMA style (RoPE, GQA, RMSNorm, SwiGLU); 4 micro batches, dropout off.
 BASE = (
-    "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
+    "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 256 --max-position-embeddings 256 "
     "--mock-data --vocab-size 250 --micro-batch-size 1 --global-batch-size 4 --lr 3e-3 --lr-warmup-iters 2 "
     "--train-iters 20 --num-workers 0 --hidden-dropout 0 --attention-dropout 0 --eval-iters 1 "
     "--eval-interval 10 --log-interval 10"
@@ -99,7 +99,7 @@ def test_cp2_with_tp2_and_with_dp2_matches_one_process(reference):
     ("flags", "world", "message"),
     [
         (
-            "--context-parallel-size 2 --seq-length 30 --max-position-embeddings 32",
+            "--context-parallel-size 2 --seq-length 30",
             2,
             "--seq-length 30 is not divisible by 2 x --context-parallel-size 2 = 4: context parallelism splits "
             "each sequence into that many equal chunks",
@@ -121,3 +121,41 @@ def test_bad_context_parallel_settings_are_one_line(flags, world, message):
     with pytest.raises(UserError) as caught:
         parse_config(f"{BASE} {flags}".split()).finalize(world, 250)
     assert str(caught.value) == message
+
+
+def _saved_activation_bytes(rank: int, world_size: int, seq_length: int) -> int:
+    """Bytes autograd keeps for backward in one forward of a 2-layer model at this CP size (per rank)."""
+    import torch
+
+    from megatron_lite.core.context_parallel import apply_context_parallel, split_batch_for_cp
+    from megatron_lite.core.models.gpt import GPTModel
+
+    cfg = parse_config(f"{BASE} --seq-length {seq_length} --max-position-embeddings {seq_length}".split())
+    cfg.finalize(1, 250)
+    pstate = initialize_parallel(1, context_parallel_size=world_size)
+    model = GPTModel(cfg, pstate)
+    apply_context_parallel(model, pstate.cp_group if world_size > 1 else None, "p2p")
+    tokens = torch.randint(0, 250, (1, seq_length))
+    batch = split_batch_for_cp({"tokens": tokens, "labels": tokens}, world_size, pstate.cp_rank)
+    total = 0
+    seen: set[int] = set()
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in seen and not isinstance(t, torch.nn.Parameter):
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(batch["tokens"], batch.get("position_ids"), labels=batch["labels"]).sum()
+    loss.backward()
+    return total
+
+
+def test_cp2_halves_the_activation_memory_of_a_long_sequence():
+    # Measured, not computed: the tensors autograd saves during forward, per rank, at seq 2048.
+    one = run_distributed(_saved_activation_bytes, 1, 2048)[0]
+    per_rank = run_distributed(_saved_activation_bytes, 2, 2048)
+    for got in per_rank:
+        assert got < 0.6 * one, (got, one)
