@@ -143,7 +143,15 @@ def test_sigterm_to_one_rank_saves_on_every_rank_and_exits_zero(tmp_path):
 
     status, text = torchrun(
         tmp_path,
-        ["--train-iters", "100000", "--save", str(ckpt), "--save-interval", "100000"],
+        [
+            "--train-iters",
+            "100000",
+            "--save",
+            str(ckpt),
+            "--save-interval",
+            "100000",
+            "--exit-signal-handler",
+        ],
         on_line=term,
     )
     assert status == 0, text[-3000:]

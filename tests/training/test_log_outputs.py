@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import sys
+import time
 
 import pytest
 from dist_utils import run_distributed
@@ -25,6 +26,8 @@ def wandb_records(run_file: str) -> list:
     from wandb.proto import wandb_internal_pb2
 
     data = open(run_file, "rb").read()
+    if len(data) < 7:  # not written yet
+        return []
     assert data[:4] == b":W&B"
     block, pos, chunks, records = 32768, 7, b"", []
     while pos + 7 <= len(data):
@@ -32,6 +35,8 @@ def wandb_records(run_file: str) -> list:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         chunks += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
@@ -45,8 +50,14 @@ def wandb_records(run_file: str) -> list:
 def wandb_history(run_dir: str) -> dict[int, dict[str, float]]:
     """{step: {key: value}} of what the run logged."""
     (run_file,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    # wandb's service process writes the file after run.finish() returns: wait for its exit record.
+    deadline = time.monotonic() + 60
+    records = wandb_records(run_file)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = wandb_records(run_file)
     rows = {}
-    for record in wandb_records(run_file):
+    for record in records:
         if record.WhichOneof("record_type") == "history":
             row = {
                 item.key or "/".join(item.nested_key): json.loads(item.value_json)

@@ -21,6 +21,7 @@ from megatron_lite.training.checkpointing import (
     load_saved_config,
     save_checkpoint,
 )
+from megatron_lite.training.checkpointing.chunks import load_pickled
 
 ROPE_SCALING = dict(use_rope_scaling=True, rope_scaling_factor=4.0, rotary_base=1000000, kv_channels=16)
 # name: (the switch on top of its base style, the same config with the switch off)
@@ -111,8 +112,8 @@ def test_old_checkpoints_without_openai_gelu_load_with_the_tanh_gelu_they_were_t
     save_checkpoint(tmp_path, 1, model, None, None, tanh, None, consumed_train_samples=0)
     # Rewrite the saved config as this project wrote it before --openai-gelu existed.
     ckpt = tmp_path / iteration_dir_name(1)
-    common = torch.load(ckpt / COMMON_FILENAME, weights_only=True)
-    del common["args"]["openai_gelu"]
+    common = load_pickled((ckpt / COMMON_FILENAME).read_bytes())
+    del common["megatron_lite"]["config"]["openai_gelu"]
     torch.save(common, ckpt / COMMON_FILENAME)
     manifest = ckpt / CHECKSUMS_FILENAME
     import json

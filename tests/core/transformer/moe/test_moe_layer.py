@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 from megatron_lite.core.transformer.moe import aux_losses
@@ -135,3 +136,25 @@ def test_tokens_per_expert_counts_every_routed_token():
     layer(torch.randn(8, 2, 32))
     counts = tokens_per_expert(layer)[0]
     assert counts.shape == (4,) and int(counts.sum()) == 8 * 2 * 2  # tokens x top-k, none dropped
+
+
+def test_tensorboard_gets_moe_losses_and_per_layer_values(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(
+        **MOE, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=1e-3, train_iters=3, log_interval=3, global_batch_size=4,
+        eval_iters=0, lr_warmup_iters=0, tensorboard_dir=str(tmp_path), moe_per_layer_logging=True,
+    )  # fmt: skip
+    result = pretrain(cfg)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    per_layer = {f"moe/{n}_layer_{i}" for n in ("load_balancing_loss", "z_loss") for i in range(2)}
+    assert {"load_balancing_loss", "z_loss"} | per_layer <= tags
+    total = [e.value for e in events.Scalars("load_balancing_loss")]
+    layers = [[e.value for e in events.Scalars(f"moe/load_balancing_loss_layer_{i}")] for i in range(2)]
+    assert len(total) == 3
+    for step in range(3):  # the logged value is the mean over the MoE layers
+        assert total[step] == pytest.approx((layers[0][step] + layers[1][step]) / 2, rel=1e-6)
+    shown = float(re.search(r"load_balancing_loss: (\S+) \|", result.log_lines[-1]).group(1))
+    assert shown == pytest.approx(sum(total) / 3, rel=1e-5)
