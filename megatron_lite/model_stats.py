@@ -330,6 +330,7 @@ def format_report(cfg: MegatronConfig, stats: ModelStats) -> str:
         _row(f"  layers ({p.layers})", f"{p.layers * p.per_layer:,}", ""),
         _row("  final norm", f"{p.final_norm:,}", "replicated"),
         _row("  output layer", f"{p.output_layer:,}", "tied" if not p.output_layer else "sharded over TP"),
+        *_moe_rows(cfg, p.total),
         "",
         "memory per rank (MB = 2**20 bytes)",
         _row("weights (fp32)", _mb(stats.weights_bytes), ""),
@@ -360,6 +361,28 @@ def format_report(cfg: MegatronConfig, stats: ModelStats) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _moe_rows(cfg: MegatronConfig, dense_total: int) -> list[str]:
+    """With --num-experts: the MoE model's total and active (per token) parameters; the rows above
+    count every layer as dense (memory figures too)."""
+    if cfg.num_experts is None:
+        return []
+    from megatron_lite.core.transformer.moe.stats import moe_parameter_counts
+
+    moe = moe_parameter_counts(cfg, dense_total)
+    return [
+        _row(
+            "MoE: total parameters",
+            f"{moe.total:,}",
+            f"{moe.total / 1e6:,.2f} M (the rows above: dense MLPs)",
+        ),
+        _row(
+            "MoE: active per token",
+            f"{moe.active:,}",
+            f"top-{cfg.moe_router_topk} of {cfg.num_experts} experts",
+        ),
+    ]
 
 
 def _row(label: str, value: str, note: str) -> str:

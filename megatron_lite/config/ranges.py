@@ -129,7 +129,7 @@ RANGES: dict[str, str] = {
     "timing_log_level": "nonneg",
     "peak_tflops": "positive",
     "exit_interval": "positive",
-    "exit_duration_in_mins": "positive",
+    "exit_duration_in_mins": "nonneg",
     "manual_gc_interval": "nonneg",
     "profile_step_start": "nonneg",
     "profile_step_end": "nonneg",

@@ -158,3 +158,27 @@ def test_tensorboard_gets_moe_losses_and_per_layer_values(tmp_path):
         assert total[step] == pytest.approx((layers[0][step] + layers[1][step]) / 2, rel=1e-6)
     shown = float(re.search(r"load_balancing_loss: (\S+) \|", result.log_lines[-1]).group(1))
     assert shown == pytest.approx(sum(total) / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"add_bias_linear": True, "swiglu": False, "moe_layer_freq": "([0]+[1])"},
+        {"moe_shared_expert_intermediate_size": 24, "moe_shared_expert_gate": True},
+    ],
+)
+def test_total_and_active_parameter_counts(extra):
+    from megatron_lite.core.models.gpt import GPTModel
+    from megatron_lite.core.transformer.moe.stats import moe_parameter_counts
+    from megatron_lite.model_stats import count_parameters
+
+    cfg = tiny_config(**{**MOE, **extra})
+    model = GPTModel(cfg)
+    counts = moe_parameter_counts(cfg, count_parameters(cfg).total)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert counts.routed_experts == experts
+    assert counts.total - counts.active == experts // cfg.num_experts * (
+        cfg.num_experts - cfg.moe_router_topk
+    )
