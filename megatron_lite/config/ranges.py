@@ -70,7 +70,7 @@ RANGES: dict[str, str] = {
     # batch and schedule
     "micro_batch_size": "positive",
     "global_batch_size": "positive",
-    "rampup_batch_size": "positive",
+    "rampup_batch_size": "parsed",  # microbatches checks it, naming each of its three numbers
     "train_iters": "nonneg",
     "train_samples": "nonneg",
     "lr": "nonneg",
