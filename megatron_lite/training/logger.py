@@ -28,6 +28,7 @@ def format_log_line(
     learning_rate: float,
     global_batch_size: int,
     losses: dict[str, float],
+    decoupled_learning_rate: float | None = None,
     loss_scale: float,
     grad_norm: float | None,
     skipped_iterations: int,
@@ -65,6 +66,8 @@ def format_log_line(
     if mfu is not None:
         parts.append(f" MFU: {mfu * 100:.1f}% |")
     parts.append(f" learning rate: {learning_rate:.6E} |")
+    if decoupled_learning_rate is not None:
+        parts.append(f" decoupled learning rate: {decoupled_learning_rate:.6E} |")
     parts.append(f" global batch size: {global_batch_size:5d} |")
     for name, value in losses.items():
         if value > 0.0:
@@ -139,6 +142,7 @@ class TrainingLogger:
         self._reset_interval()
         self._elapsed = 0.0
         self._started_at: float | None = None
+        self._decoupled_lr: float | None = None
 
     # ---- output --------------------------------------------------------------------------------
     def print(self, text: str) -> None:
@@ -223,6 +227,7 @@ class TrainingLogger:
         num_zeros_in_grad: float | None = None,
         batch_size: int | None = None,
         moe_losses: dict[str, torch.Tensor] | None = None,
+        decoupled_learning_rate: float | None = None,
     ) -> str | None:
         """Record one iteration; on log-interval iterations print the console line and return it.
 
@@ -235,6 +240,8 @@ class TrainingLogger:
         `batch-size` scalar, the line's `global batch size` and the throughput use it, as in Megatron.
         """
         batch_size = self.cfg.global_batch_size if batch_size is None else batch_size
+        # --decoupled-lr: the embedding and output layer's own learning rate, logged beside the other.
+        self._decoupled_lr = decoupled_learning_rate
         self._iterations += 1
         if skipped:
             self._skipped += 1
@@ -286,6 +293,8 @@ class TrainingLogger:
         cfg = self.cfg
         self.writers.wandb_only({"samples vs steps": consumed}, iteration)
         self._scalar("learning-rate", learning_rate, iteration, consumed)
+        if self._decoupled_lr is not None:
+            self._scalar("decoupled-learning-rate", self._decoupled_lr, iteration)
         self._scalar("batch-size", batch_size, iteration, consumed)
         # The iteration's loss even when the step was skipped (Megatron's loss_dict has it either way).
         self._scalar("lm loss", loss, iteration, consumed)
@@ -335,6 +344,7 @@ class TrainingLogger:
                 consumed_samples=consumed_samples,
                 elapsed_ms=per_iteration * 1000.0,
                 learning_rate=learning_rate,
+                decoupled_learning_rate=self._decoupled_lr,
                 global_batch_size=batch_size,
                 losses={
                     "lm loss": mean_loss,

@@ -412,6 +412,13 @@ class Trainer:
         schedule applies it on the last stage."""
         return (per_token.float() * loss_mask.float()).sum()
 
+    def _decoupled_lr(self) -> float | None:
+        """--decoupled-lr's current value (the embedding and output layer's groups), else None."""
+        for group in self.optimizer.param_groups:
+            if group.get("is_decoupled_lr"):
+                return group["lr"]  # as Megatron's training_log reads it
+        return None
+
     def _attention_mask(self, batch: Batch) -> torch.Tensor | None:
         # The data loader's mask (Megatron's create_attention_mask) is plain causal unless documents are
         # separated (--reset-attention-mask); the model is causal itself, and an explicit mask would
@@ -633,6 +640,7 @@ class Trainer:
                 num_zeros_in_grad=self.num_zeros_in_grad,
                 moe_losses=self.moe_losses,
                 batch_size=self.microbatches.get_current_running_global_batch_size(),
+                decoupled_learning_rate=self._decoupled_lr(),
             )
             if line is not None:
                 self.result.log_lines.append(line)

@@ -389,3 +389,26 @@ def test_lr_and_wd_equal_megatron_cores_scheduler_at_every_step(name, core_sched
     if cfg.weight_decay_incr_style != "constant":
         assert wds[0] == cfg.start_weight_decay and wds[-1] == cfg.end_weight_decay
         assert len(set(wds)) > 50  # rises at every step of the run
+
+
+def test_decoupled_lr_is_in_the_log_line_and_tensorboard(tmp_path):
+    # Megatron's training_log: " decoupled learning rate: X |" after the learning rate, and the
+    # decoupled-learning-rate scalar; X is the embedding/output groups' lr at that iteration.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_lite.training.training import pretrain
+
+    flags = tiny_flags(**MODEL, global_batch_size=4, train_iters=4, log_interval=2)
+    cfg = parse_config(
+        flags
+        + f"--lr-warmup-iters 4 --lr-decay-iters 8 --decoupled-lr 8e-3 --tensorboard-dir {tmp_path}".split()
+    )
+    lines = [line for line in pretrain(cfg).log_lines if "consumed samples:" in line]
+    decoupled = [float(line.split("decoupled learning rate:")[1].split("|")[0]) for line in lines]
+    plain = [float(line.split("| learning rate:")[1].split("|")[0]) for line in lines]
+    # Warmup from 0: iterations 2 and 4 of 4 are halfway and at each group's peak.
+    assert decoupled == pytest.approx([4e-3, 8e-3]) and plain == pytest.approx([0.5 * cfg.lr, cfg.lr])
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert [e.value for e in events.Scalars("decoupled-learning-rate")] == pytest.approx(
+        [2e-3, 4e-3, 6e-3, 8e-3]
+    )
