@@ -5,7 +5,7 @@ import pytest
 from megatron_lite.arguments import parse_config
 from megatron_lite.config import MegatronConfig, pad_vocab_size
 from megatron_lite.errors import UserError
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_flags
 
 BASE = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
@@ -173,3 +173,18 @@ def test_padded_vocab_size_sets_the_embedding_rows_and_is_checked():
     assert tiny_config(vocab_size=64).padded_vocab_size == 128  # default: a multiple of 128 x TP
     with pytest.raises(UserError, match=r"^--padded-vocab-size 60 must be at least the vocabulary size 64"):
         tiny_config(vocab_size=64, padded_vocab_size=60)
+
+
+def test_legacy_ckpt_format_is_written_as_torch_dist_and_says_so():
+    # Megatron's functional tests ask for --ckpt-format torch; the run goes on, writing torch_dist.
+    cfg = parse_config(
+        tiny_flags(train_iters=4) + ["--ckpt-format", "torch", "--save", "ckpt", "--save-interval", "2"]
+    )
+    cfg.finalize(1, 257)
+    assert any(
+        n.startswith("--ckpt-format torch: checkpoints are written as torch_dist")
+        for n in cfg.startup_notices
+    )
+    with pytest.raises(UserError) as caught:
+        parse_config(tiny_flags(train_iters=4) + ["--ckpt-format", "torch", "--async-save"]).finalize(1, 257)
+    assert str(caught.value) == "--async-save works with --ckpt-format torch_dist only, not torch"

@@ -43,7 +43,7 @@ EXPECTED = {
     "functional_tests/gpt__gpt3_mcore_te_tp1_pp2_rope_embeddings_interleaved_no_fusion.yaml": TRAINS,
     "functional_tests/gpt__gpt3_mcore_te_tp1_pp4_swiglu.yaml": TRAINS,
     "functional_tests/gpt__gpt3_mcore_te_tp1_pp4_vp1_calculate_per_token_loss.yaml": TRAINS,
-    "functional_tests/gpt__gpt3_mcore_te_tp1_pp4_vp1_decoupled_lr.yaml": "--ckpt-format torch is not",
+    "functional_tests/gpt__gpt3_mcore_te_tp1_pp4_vp1_decoupled_lr.yaml": TRAINS,
     "functional_tests/gpt__gpt3_mcore_te_tp2_pp1_cp2_nondeterministic.yaml": TRAINS,
     "functional_tests/moe__gpt3_mcore_te_tp2_pp1_te_8experts2parallel_top2router.yaml": TRAINS,
     "functional_tests/mixtral__mixtral_8x7b_alltoall_tp2pp4ep4_release.yaml": TRAINS,

@@ -20,7 +20,12 @@ class CheckpointArgs:
     no_load_optim: bool = _f(False, "Do not load the optimizer state.", group="checkpointing")
     no_load_rng: bool = _f(False, "Do not load the RNG state.", group="checkpointing")
     finetune: bool = _f(False, "Load only the weights; start at iteration 0.", group="checkpointing")
-    ckpt_format: str = _f("torch_dist", "Checkpoint format.", choices=["torch_dist"], group="checkpointing")
+    ckpt_format: str = _f(
+        "torch_dist",
+        "Checkpoint format: torch_dist; torch (Megatron's legacy per-rank files) is written as torch_dist.",
+        choices=["torch_dist", "torch"],
+        group="checkpointing",
+    )
     exit_on_missing_checkpoint: bool = _f(False, "Exit if --load has no checkpoint.", group="checkpointing")
     use_checkpoint_args: bool = _f(
         False,
@@ -61,6 +66,15 @@ def check_checkpointing(cfg: Any) -> None:
                 f"{flag_name('save_retain_interval')} {retain} must be a multiple of "
                 f"{flag_name('save_interval')} {cfg.save_interval}"
             )
+    if cfg.ckpt_format == "torch" and cfg.save is not None:
+        # Decision: a Megatron line asking for the legacy format still runs; what it gets is stated once.
+        notice = (
+            f"{flag_name('ckpt_format')} torch: checkpoints are written as torch_dist, Megatron's default "
+            "(Megatron-LM loads them with --ckpt-format torch_dist or --auto-detect-ckpt-format); legacy "
+            "mp_rank_XX/model_optim_rng.pt files are not written"
+        )
+        if notice not in cfg.startup_notices:
+            cfg.startup_notices.append(notice)
     if cfg.async_save and cfg.ckpt_format != "torch_dist":
         # Megatron: "Async checkpoint save not implemented for {format} distributed checkpoint format".
         fail(
