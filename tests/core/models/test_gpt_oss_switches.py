@@ -14,13 +14,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent / "gpt"))  # gpt_helpers, next to the GPT tests
 
 from dist_utils import run_distributed  # noqa: E402
-from gpt_helpers import LLAMA_STYLE, batch, full_state, make_config  # noqa: E402
+from gpt_helpers import LLAMA_STYLE, batch, full_state, make_config, train_and_gather  # noqa: E402
 
 from megatron_lite.core.models.gpt import GPTModel  # noqa: E402
 from megatron_lite.core.models.gpt.attention import DotProductAttention  # noqa: E402
 from megatron_lite.core.models.gpt.mlp import MLP, activation_func, swiglu  # noqa: E402
 from megatron_lite.core.models.gpt.rope import GPT_OSS_YARN, RotaryEmbedding, YarnScaling, yarn_inv_freq  # noqa: E402
-from megatron_lite.core.tensor_parallel import gather_from_tensor_model_parallel_region  # noqa: E402
 from megatron_lite.errors import UserError  # noqa: E402
 from megatron_lite.parallel_state import initialize_parallel  # noqa: E402
 
@@ -403,26 +402,13 @@ def test_enable_gpt_oss_changes_only_the_rope():
 TP_CASES = {"gpt-oss": GPT_OSS, "gpt-oss-sp": dict(GPT_OSS, sequence_parallel=True)}
 
 
-def _run(model, cfg, group):
-    tokens, labels = batch(cfg)
-    loss = model(tokens, labels=labels)
-    loss.mean().backward()
-    with torch.no_grad():
-        logits = gather_from_tensor_model_parallel_region(model(tokens), group)
-    return {
-        "weights": full_state(model, group),
-        "grads": full_state(model, group, grads=True),
-        "logits": logits,
-    }
-
-
 def _tp_worker(rank, world_size):
     pstate = initialize_parallel(2, device="cpu")
     out = {}
     for name, overrides in TP_CASES.items():
         cfg = make_config(world_size=2, tensor_model_parallel_size=2, **overrides)
         model = GPTModel(cfg, pstate)
-        out[name] = _run(model, cfg, pstate.tp_group)
+        out[name] = train_and_gather(model, cfg, pstate.tp_group)
         out[name]["local_offset"] = model.decoder.layers[
             0
         ].self_attention.core_attention.softmax_offset.detach()
@@ -433,7 +419,7 @@ def test_tp2_with_gpt_oss_switches_equals_tp1():
     results = run_distributed(_tp_worker, 2)
     for name, overrides in TP_CASES.items():
         cfg = make_config(**overrides)
-        expected = _run(GPTModel(cfg), cfg, None)
+        expected = train_and_gather(GPTModel(cfg), cfg, None)
         offset = "decoder.layers.0.self_attention.core_attention.softmax_offset"
         for rank, got in enumerate(results):
             got = got[name]

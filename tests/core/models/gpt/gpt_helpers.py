@@ -70,6 +70,23 @@ def full_state(model: torch.nn.Module, group: dist.ProcessGroup | None, grads: b
     return out
 
 
+def train_and_gather(model: torch.nn.Module, cfg: MegatronConfig, group: dist.ProcessGroup | None) -> dict:
+    """One backward of the summed loss, then full weights, gradients, the loss and full-vocab logits."""
+    from megatron_lite.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    tokens, labels = batch(cfg)
+    loss = model(tokens, labels=labels)
+    loss.mean().backward()
+    with torch.no_grad():
+        logits = gather_from_tensor_model_parallel_region(model(tokens), group)
+    return {
+        "weights": full_state(model, group),
+        "grads": full_state(model, group, grads=True),
+        "loss": loss.detach(),
+        "logits": logits,
+    }
+
+
 def saved_bytes_for_backward(
     model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor
 ) -> tuple[int, torch.Tensor]:

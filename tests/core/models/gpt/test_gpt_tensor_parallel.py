@@ -3,7 +3,14 @@
 import pytest
 import torch
 from dist_utils import run_distributed
-from gpt_helpers import LLAMA_STYLE, SWITCH_STYLES, batch, full_state, make_config, saved_bytes_for_backward
+from gpt_helpers import (
+    LLAMA_STYLE,
+    SWITCH_STYLES,
+    batch,
+    make_config,
+    saved_bytes_for_backward,
+    train_and_gather,
+)
 
 from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.core.tensor_parallel import Dropout, gather_from_tensor_model_parallel_region
@@ -36,26 +43,12 @@ CASES = {
 VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def _run(model, cfg, group):
-    tokens, labels = batch(cfg)
-    loss = model(tokens, labels=labels)
-    loss.mean().backward()
-    with torch.no_grad():
-        logits = gather_from_tensor_model_parallel_region(model(tokens), group)
-    return {
-        "weights": full_state(model, group),
-        "grads": full_state(model, group, grads=True),
-        "loss": loss.detach(),
-        "logits": logits,
-    }
-
-
 def _parity_worker(rank, world_size):
     pstate = initialize_parallel(2, device="cpu")
     results = {}
     for name, overrides in CASES.items():
         cfg = make_config(world_size=2, tensor_model_parallel_size=2, **overrides)
-        results[name] = _run(GPTModel(cfg, pstate), cfg, pstate.tp_group)
+        results[name] = train_and_gather(GPTModel(cfg, pstate), cfg, pstate.tp_group)
         results[name]["padded_vocab_size"] = cfg.padded_vocab_size
     cfg = make_config(world_size=2, tensor_model_parallel_size=2, **LLAMA_STYLE)
     model = GPTModel(cfg, pstate).eval()
@@ -75,7 +68,7 @@ def _parity_worker(rank, world_size):
         results["saved_bytes", sequence_parallel], loss = saved_bytes_for_backward(model, tokens, labels)
         loss.backward()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            results["bf16", sequence_parallel] = _run(GPTModel(cfg, pstate), cfg, pstate.tp_group)
+            results["bf16", sequence_parallel] = train_and_gather(GPTModel(cfg, pstate), cfg, pstate.tp_group)
     return results
 
 
@@ -88,7 +81,7 @@ def parity():
 @pytest.mark.parametrize("case", CASES)
 def test_tp2_equals_tp1(parity, case):
     cfg = make_config(**CASES[case])
-    expected = _run(GPTModel(cfg), cfg, None)
+    expected = train_and_gather(GPTModel(cfg), cfg, None)
     vocab = cfg.vocab_size
     for rank, got in enumerate(parity):
         got = got[case]
@@ -135,7 +128,7 @@ def test_sequence_parallel_keeps_fewer_activation_bytes(parity):
 def test_bf16_autocast_tp2_with_and_without_sequence_parallel_tracks_tp1(parity):
     cfg = make_config()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = _run(GPTModel(cfg), cfg, None)
+        expected = train_and_gather(GPTModel(cfg), cfg, None)
     for got in parity:
         for sequence_parallel in (False, True):
             run = got["bf16", sequence_parallel]
