@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -18,39 +15,40 @@ from megatron_lite.arguments.report import startup_lines
 from megatron_lite.config import MegatronConfig
 from megatron_lite.core.context_parallel import apply_context_parallel, split_batch_for_cp
 from megatron_lite.core.datasets.builder import build_train_valid_test_datasets
-from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.core.performance import configure_matmul_precision
 from megatron_lite.core.pipeline_parallel.checkpoint_view import checkpoint_module
-from megatron_lite.core.pipeline_parallel.embedding_group import all_reduce_embedding_grads
 from megatron_lite.core.pipeline_parallel.schedule import PipelineSchedule
 from megatron_lite.core.pipeline_parallel.stage import build_model_chunks
-from megatron_lite.core.tensor_parallel import model_parallel_manual_seed
 from megatron_lite.core.transformer.moe.training import MoETrainingHooks
 from megatron_lite.errors import UserError, fail
 from megatron_lite.parallel_state import ParallelState
-from megatron_lite.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer
+from megatron_lite.tokenizer import Tokenizer
 from megatron_lite.training.data_samplers import build_mock_datasets, build_pretraining_data_loader
+from megatron_lite.training.evaluation import TrainerEvaluation
 from megatron_lite.training.fault_tolerance import ExitSignal, collective_failures_as_errors
 from megatron_lite.training.grad_utils import (
     LossScaler,
-    all_reduce_gradients,
-    clip_grad_norm,
-    micro_batch_loss_weights,
     params_norm,
 )
-from megatron_lite.training.log_stats import count_zeros_in_grad
 from megatron_lite.training.logger import TrainingLogger
 from megatron_lite.training.lr_schedule import OptimizerParamScheduler
 from megatron_lite.training.microbatches import build_num_microbatches_calculator, train_num_samples
 from megatron_lite.training.optimizer import build_optimizer, finish_param_sync
 from megatron_lite.training.profiling import Profiler
 from megatron_lite.training.runtime import (
-    manual_gc_after_evaluation,
     manual_gc_after_iteration,
-    manual_gc_before_evaluation,
     manual_gc_start,
     run_switches,
 )
+from megatron_lite.training.setup import (  # noqa: F401 - set_random_seed, check_precision: public names here too
+    check_precision,
+    gpt_model_provider,
+    set_random_seed,
+    setup_config,
+    train_dtype,
+)
+from megatron_lite.training.train_step import TrainerStep
+from megatron_lite.training.trainer_checkpoints import TrainerCheckpoints
 
 ModelProvider = Callable[[MegatronConfig, ParallelState], torch.nn.Module]
 Batch = dict[str, torch.Tensor]
@@ -115,7 +113,7 @@ def _pretrain(
         # --distributed-timeout-minutes): one line and a non-zero exit, which torchrun restarts from.
         with collective_failures_as_errors(pstate, cfg.distributed_timeout_minutes):
             timers("model-and-optimizer-setup", log_level=0).start(barrier=True)
-            trainer = Trainer(cfg, pstate, logger, model_provider or _gpt_model_provider)
+            trainer = Trainer(cfg, pstate, logger, model_provider or gpt_model_provider)
             trainer.load()
             timers("model-and-optimizer-setup").stop()
             timers("train/valid/test-data-iterators-setup", log_level=0).start(barrier=True)
@@ -134,86 +132,8 @@ def _pretrain(
         logger.close()
 
 
-# ---- setup ------------------------------------------------------------------------------------------
-def setup_config(cfg: MegatronConfig, pstate: ParallelState) -> Tokenizer | None:
-    """Build the tokenizer, finalize the config for this world and vocabulary, and check the device."""
-    if cfg.use_checkpoint_args and cfg.load:
-        # Before the tokenizer: the checkpoint's args may name it (Megatron's load_args_from_checkpoint).
-        from megatron_lite.training.checkpointing.checkpoint_args import apply_checkpoint_args
-
-        for line in apply_checkpoint_args(cfg):
-            if pstate.rank == 0:
-                print(line, flush=True)
-    tokenizer = None
-    if cfg.tokenizer_type is not None or cfg.vocab_file is not None or cfg.merge_file is not None:
-        # All the tokenizer settings (--tokenizer-model, --vocab-size, --tiktoken-*); BPE files without a
-        # type mean GPT-2 BPE, as in Megatron's GPT examples.
-        tokenizer = build_tokenizer(cfg)
-    elif not cfg.mock_data:
-        fail(
-            "--tokenizer-type is required with --data-path: the one the data was preprocessed with "
-            f"({', '.join(TOKENIZER_TYPES)})"
-        )
-    elif cfg.vocab_size is None:
-        fail("--mock-data without --tokenizer-type needs --vocab-size, e.g. --vocab-size 50257")
-    cfg.finalize(pstate.world_size, tokenizer.vocab_size if tokenizer is not None else None)
-    if tokenizer is not None and cfg.vocab_size < tokenizer.vocab_size:
-        fail(
-            f"--vocab-size {cfg.vocab_size} is smaller than the {tokenizer.name} vocabulary "
-            f"({tokenizer.vocab_size}); leave --vocab-size out to use the tokenizer's"
-        )
-    if cfg.tensor_model_parallel_size != pstate.tp_size:
-        fail(
-            f"--tensor-model-parallel-size {cfg.tensor_model_parallel_size} does not match the process "
-            f"groups (TP size {pstate.tp_size}); pass the same value to initialize_parallel"
-        )
-    if cfg.pipeline_model_parallel_size != pstate.pp_size:
-        fail(
-            f"--pipeline-model-parallel-size {cfg.pipeline_model_parallel_size} does not match the process "
-            f"groups (PP size {pstate.pp_size}); pass the same value to initialize_parallel"
-        )
-    if cfg.context_parallel_size != pstate.cp_size:
-        fail(
-            f"--context-parallel-size {cfg.context_parallel_size} does not match the process "
-            f"groups (CP size {pstate.cp_size}); pass the same value to initialize_parallel"
-        )
-    check_precision(cfg, pstate.device)
-    return tokenizer
-
-
-def check_precision(cfg: MegatronConfig, device: torch.device) -> None:
-    """Precision settings the device cannot run. fp16 with dynamic loss scaling runs on CPUs too (torch's CPU
-    autocast has float16): slower than bf16 there, but Megatron's fp16 command lines run unchanged."""
-
-
-def set_random_seed(seed: int, pstate: ParallelState | None = None) -> None:
-    """Seed python, numpy and torch with --seed, and the model's RNG tracker streams for this TP rank.
-
-    As Megatron, each pipeline stage offsets the seed by 100 x its rank (its dropout masks differ).
-    """
-    if pstate is not None:
-        seed += 100 * pstate.pp_rank
-    random.seed(seed)
-    np.random.seed(seed)
-    model_parallel_manual_seed(seed, pstate.tp_rank if pstate is not None else 0)
-
-
-def _gpt_model_provider(cfg: MegatronConfig, pstate: ParallelState, **stage) -> torch.nn.Module:
-    """The whole GPTModel, or under pipeline parallelism one stage of it (pre_process, post_process,
-    layers: Megatron's model_provider arguments)."""
-    return GPTModel(cfg, pstate, **stage)
-
-
-def _train_dtype(cfg: MegatronConfig) -> torch.dtype | None:
-    if cfg.bf16:
-        return torch.bfloat16
-    if cfg.fp16:
-        return torch.float16
-    return None
-
-
 # ---- the trainer ------------------------------------------------------------------------------------
-class Trainer:
+class Trainer(TrainerStep, TrainerCheckpoints, TrainerEvaluation):
     """Owns the model, optimizer, schedule, data iterators and progress counters of one run."""
 
     def __init__(
@@ -269,7 +189,7 @@ class Trainer:
         # Micro batches per step: constant, or growing with the consumed samples (--rampup-batch-size).
         self.microbatches = build_num_microbatches_calculator(cfg)
         self.scaler = LossScaler.from_config(cfg)
-        self.autocast_dtype = _train_dtype(cfg)
+        self.autocast_dtype = train_dtype(cfg)
         self.iteration = 0
         self.consumed_train_samples = 0
         self.skipped_iterations = 0
@@ -278,81 +198,6 @@ class Trainer:
         self.train_iter: Iterator[Batch] | None = None
         self.valid_iter: Iterator[Batch] | None = None
         self.test_dataset = None
-
-    # ---- checkpoints -----------------------------------------------------------------------------
-    def load(self) -> None:
-        """Resume from --load when it holds a checkpoint (weights, optimizer, schedule, RNG, progress)."""
-        if not self.cfg.load:
-            return
-        # Imported on use: torch.distributed.checkpoint adds seconds to start-up, needed only with --load/--save.
-        from megatron_lite.training.checkpointing import load_checkpoint
-
-        timers = self.logger.timers
-        timers("load-checkpoint", log_level=0).start(barrier=True)
-        progress = load_checkpoint(
-            self.cfg.load, self.checkpoint_module, self.optimizer, self.scheduler, self.cfg, self.pstate
-        )
-        timers("load-checkpoint").stop(barrier=True)
-        self.logger.log_timers(["load-checkpoint"])
-        if progress is None:
-            return
-        self.iteration = progress.iteration
-        self.consumed_train_samples = progress.consumed_train_samples
-        self.skipped_iterations = progress.skipped_iterations
-        self.last_saved_iteration = progress.iteration
-        scaler_state = (progress.extra_state or {}).get("loss_scaler")
-        if scaler_state and self.cfg.fp16 and not self.cfg.finetune and not self.cfg.no_load_optim:
-            self.scaler.load_state_dict(scaler_state)
-        self.logger.print(
-            f"> resuming from {self.cfg.load} at iteration {self.iteration}, "
-            f"{self.consumed_train_samples} consumed samples"
-        )
-
-    def save(self) -> None:
-        if not self.cfg.save or self.last_saved_iteration == self.iteration:
-            return
-        from megatron_lite.training.checkpointing import save_checkpoint
-
-        finish_param_sync(self.optimizer)  # an --overlap-param-gather gather must land before saving
-        self.logger.pause()
-        self.logger.timers("save-checkpoint", log_level=0).start(barrier=False)
-        save_checkpoint(
-            self.cfg.save,
-            self.iteration,
-            self.checkpoint_module,
-            self.optimizer,
-            self.scheduler,
-            self.cfg,
-            self.pstate,
-            consumed_train_samples=self.consumed_train_samples,
-            extra_state={
-                "loss_scaler": self.scaler.state_dict(),
-                "skipped_iterations": self.skipped_iterations,
-            },
-        )
-        self.last_saved_iteration = self.iteration
-        self.logger.timers("save-checkpoint").stop(barrier=False)
-        if self.cfg.async_save:
-            self.logger.print(
-                f"  scheduled an async checkpoint save at iteration {self.iteration:7d} to {self.cfg.save}"
-            )
-        else:
-            self.logger.print(f"  saved checkpoint at iteration {self.iteration:7d} to {self.cfg.save}")
-        self.logger.log_timers(["save-checkpoint"])
-        self.logger.resume()
-
-    def finalize_async_save(self, *, blocking: bool) -> None:
-        """Publish a checkpoint that --async-save wrote in the background, once every rank has written it
-        (collective; blocking: wait for the writes)."""
-        if not self.cfg.async_save:
-            return
-        from megatron_lite.training.checkpointing import finalize_async_save
-
-        published = finalize_async_save(self.pstate, blocking=blocking)
-        if published is not None:
-            self.logger.print(
-                f"  successfully saved checkpoint from iteration {published:7d} to {self.cfg.save}"
-            )
 
     # ---- data ------------------------------------------------------------------------------------
     def build_data(self, tokenizer: Tokenizer | None) -> None:
@@ -399,176 +244,6 @@ class Trainer:
             # Context parallelism: this rank's 2 of the 2C chunks of each sequence (global positions kept).
             batches.append(split_batch_for_cp(batch, self.pstate.cp_size, self.pstate.cp_rank))
         return batches
-
-    # ---- one step --------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.pstate.device.type, dtype=self.autocast_dtype)
-
-    @staticmethod
-    def _loss_func(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-        """Megatron's loss_func: the summed per-token loss [b, s] over the non-masked tokens. The pipeline
-        schedule applies it on the last stage."""
-        return (per_token.float() * loss_mask.float()).sum()
-
-    def _decoupled_lr(self) -> float | None:
-        """--decoupled-lr's current value (the embedding and output layer's groups), else None."""
-        for group in self.optimizer.param_groups:
-            if group.get("is_decoupled_lr"):
-                return group["lr"]  # as Megatron's training_log reads it
-        return None
-
-    def _attention_mask(self, batch: Batch) -> torch.Tensor | None:
-        # The data loader's mask (Megatron's create_attention_mask) is plain causal unless documents are
-        # separated (--reset-attention-mask); the model is causal itself, and an explicit mask would
-        # only move attention off its fast is_causal path.
-        return batch.get("attention_mask") if self.cfg.reset_attention_mask else None
-
-    def _micro_batch_loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """The micro batch's summed loss (_loss_func) through the whole model."""
-        with self._autocast():
-            per_token = model(
-                batch["tokens"],
-                position_ids=batch.get("position_ids"),
-                attention_mask=self._attention_mask(batch),
-                labels=batch["labels"],
-            )  # [b, s]
-        return self._loss_func(per_token, batch["loss_mask"])
-
-    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Summed over the ranks that hold other tokens of the global batch (DP, and CP)."""
-        if self.pstate.grad_size > 1:
-            dist.all_reduce(value, group=self.pstate.grad_group)
-        return value
-
-    def _grad_sync(self, last: bool):
-        """DDP all-reduces buckets during the last micro batch's backward with --overlap-grad-reduce;
-        without it every backward runs unsynchronised and all_reduce_gradients follows."""
-        if self.ddp is None or (last and self.cfg.overlap_grad_reduce):
-            return contextlib.nullcontext()
-        return self.ddp.no_sync()
-
-    def train_step(self, batches: list[Batch]) -> tuple[float, float, bool]:
-        """Forward/backward over the micro batches, clip, and step unless the loss or gradient is not finite.
-
-        Returns (lm loss: summed over the global batch's tokens / its token count, as Megatron logs it;
-        grad norm; skipped).
-        """
-        cfg = self.cfg
-        n = len(batches)
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        num_tokens = torch.stack([b["loss_mask"].float().sum() for b in batches])
-        weights = micro_batch_loss_weights(num_tokens, cfg.calculate_per_token_loss, self.pstate)
-        loss_sum = torch.zeros((), device=self.pstate.device)
-        timers = self.logger.timers  # Megatron's, by --timing-log-level (level 1 and 2 ones here)
-        timers("forward-backward", log_level=1).start()
-        if self.moe is not None:
-            # The aux losses' gradient factor: the lm loss's per micro batch (the same for all of them).
-            # Megatron: loss scale / micro batches; with --calculate-per-token-loss the global-token factor.
-            factor = float(weights[0]) if cfg.calculate_per_token_loss else 1.0 / n
-            self.moe.before_backward(factor * self.scaler.scale)
-        if self.pipeline is not None:
-            scaled = [weights[i] * self.scaler.scale for i in range(n)]
-            loss_sum = self.pipeline.forward_backward(batches, self._loss_func, scaled, self._autocast)
-        else:
-            for i, batch in enumerate(batches):
-                with self._grad_sync(last=i == n - 1):
-                    timers("forward-compute", log_level=2).start()
-                    loss = self._micro_batch_loss_sum(self.model, batch)
-                    timers("forward-compute").stop()
-                    timers("backward-compute", log_level=2).start()
-                    (loss * (weights[i] * self.scaler.scale)).backward()
-                    timers("backward-compute").stop()
-                loss_sum += loss.detach()
-        if (self.ddp is not None and not cfg.overlap_grad_reduce) or (
-            self.pipeline is not None and self.pstate.grad_size > 1
-        ):
-            timers("all-grads-sync", log_level=1).start()
-            all_reduce_gradients([p for p in self.params if not getattr(p, "is_expert", False)], self.pstate)
-            timers("all-grads-sync").stop()
-        if self.pipeline is not None:
-            all_reduce_embedding_grads(self.chunks, self.pstate)
-        if self.moe is not None:
-            self.moe.after_backward()
-        timers("forward-backward").stop()
-        totals = self._dp_sum(torch.stack([loss_sum, num_tokens.sum()]))
-        if self.pipeline is not None:
-            totals = self.pipeline.broadcast_from_last_stage(totals)  # only the last stage has the loss
-        lm_loss = (totals[0] / totals[1]).item()
-        # Under --sequence-parallel the model's autograd already sums the replicated norms' and biases'
-        # partial gradients over the TP group, so the gradients are complete here.
-        timers("optimizer", log_level=1).start()
-        self.scaler.unscale_(self.params)
-        timers("optimizer-clip-main-grad", log_level=1).start()
-        grad_norm = clip_grad_norm(self.params, cfg.clip_grad, self.pstate)
-        timers("optimizer-clip-main-grad").stop()
-        skipped = not (math.isfinite(grad_norm) and math.isfinite(lm_loss))
-        self.num_zeros_in_grad: float | None = None  # Megatron has none for a skipped step
-        if not skipped:
-            timers("optimizer-count-zeros", log_level=1).start()
-            if cfg.log_num_zeros_in_grad:
-                self.num_zeros_in_grad = count_zeros_in_grad(self.params, self.pstate)
-            timers("optimizer-count-zeros").stop()
-            timers("optimizer-inner-step", log_level=1).start()
-            self.optimizer.step()
-            timers("optimizer-inner-step").stop()
-            # Megatron's increment: the samples this step trained on (its micro batches x mbs x DP).
-            self.scheduler.step(n * cfg.micro_batch_size * self.pstate.dp_size)
-        self.scaler.update(found_inf=skipped)
-        if self.moe is not None:
-            self.moe_losses = self.moe.after_step(n)
-        timers("optimizer").stop()
-        return lm_loss, grad_norm, skipped
-
-    # ---- evaluation ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, data_iter: Iterator[Batch]) -> float | None:
-        """lm loss over --eval-iters global batches: summed over their tokens on all DP ranks / the token count."""
-        self.model.eval()
-        totals = torch.zeros(2, device=self.pstate.device)  # (summed loss, tokens), as Megatron's evaluate
-        count = 0
-        for _ in range(self.cfg.eval_iters):
-            batches = self._next_micro_batches(data_iter, "validation")
-            if self.pipeline is not None and batches:
-                totals[0] += self.pipeline.forward_only(batches, self._loss_func, self._autocast)
-            for batch in batches:
-                if self.pipeline is None:
-                    totals[0] += self._micro_batch_loss_sum(self.model, batch)
-                totals[1] += batch["loss_mask"].float().sum()
-                count += 1
-        self.model.train()
-        if count == 0:
-            return None
-        totals = self._dp_sum(totals)
-        if self.pipeline is not None:
-            totals = self.pipeline.broadcast_from_last_stage(totals)
-        return (totals[0] / totals[1]).item()
-
-    def _evaluate_and_report(
-        self, data_iter: Iterator[Batch] | None, where: str, periodic: bool = False
-    ) -> float | None:
-        """Evaluate and print the box. As in Megatron, --manual-gc collects around the evaluations during
-        training only, and the final ones write no scalars after --skip-train."""
-        if data_iter is None or self.cfg.eval_iters == 0:
-            return None
-        self.logger.pause()
-        if periodic:
-            manual_gc_before_evaluation(self.cfg)
-        self.logger.timers("evaluate", log_level=0).start(barrier=True)
-        loss = self.evaluate(data_iter)
-        self.logger.timers("evaluate").stop()
-        self.logger.log_timers(["evaluate"])
-        if periodic:
-            manual_gc_after_evaluation(self.cfg)
-        if loss is not None:
-            write = periodic or not self.cfg.skip_train
-            box = self.logger.evaluation(where, loss, self.iteration, self.consumed_train_samples, write)
-            if box is not None:
-                self.result.log_lines.append(box)
-        self.logger.resume()
-        return loss
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self, exit_signal: ExitSignal, start_time: float) -> TrainResult:

@@ -40,7 +40,7 @@ def _trainer(extra: list[str], pstate):
     cfg = parse_config(FLAGS + extra)
     training.setup_config(cfg, pstate)
     training.set_random_seed(cfg.seed, pstate)
-    trainer = training.Trainer(cfg, pstate, TrainingLogger(cfg, pstate), training._gpt_model_provider)
+    trainer = training.Trainer(cfg, pstate, TrainingLogger(cfg, pstate), training.gpt_model_provider)
     trainer.build_data(None)
     return trainer
 

@@ -32,7 +32,7 @@ def _step(extra: list[str], pstate: ParallelState) -> dict:
     cfg = parse_config(FLAGS + extra)
     training.setup_config(cfg, pstate)
     training.set_random_seed(cfg.seed, pstate)
-    trainer = training.Trainer(cfg, pstate, TrainingLogger(cfg, pstate), training._gpt_model_provider)
+    trainer = training.Trainer(cfg, pstate, TrainingLogger(cfg, pstate), training.gpt_model_provider)
     trainer.build_data(None)
     batches = trainer._next_micro_batches(trainer.train_iter, "training")
     loss, _, skipped = trainer.train_step(batches)

@@ -13,7 +13,7 @@ from megatron_lite.arguments import parse_config
 from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.core.performance import matmul_precision
 from megatron_lite.errors import UserError
-from megatron_lite.training import training
+from megatron_lite.training import setup as training_setup
 from megatron_lite.training.data_samplers import MockGPTDataset
 from megatron_lite.training.training import NonFiniteTrainingError, pretrain
 
@@ -207,7 +207,7 @@ def test_bf16_autocast_trains_close_to_fp32():
 
 def test_fp16_loss_scaling_mechanics_on_cpu(monkeypatch):
     # fp16 is GPU-only for users; CPU autocast runs fp16 too, which lets the loss-scaling path be tested here.
-    monkeypatch.setattr(training, "check_precision", lambda cfg, device: None)
+    monkeypatch.setattr(training_setup, "check_precision", lambda cfg, device: None)
     fp32 = pretrain(config("--micro-batch-size 2 --train-iters 4"))
     static = pretrain(config("--micro-batch-size 2 --train-iters 4 --fp16 --loss-scale 256"))
     assert static.skipped_iterations == 0
