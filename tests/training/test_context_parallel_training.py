@@ -85,6 +85,9 @@ def test_cp2_with_tp2_and_with_dp2_matches_one_process(reference):
         "llama-tp2-sp": f"{STYLES['llama']} --context-parallel-size 2 --tensor-model-parallel-size 2 "
         "--sequence-parallel",
         "gpt2-tp2": "--context-parallel-size 2 --tensor-model-parallel-size 2",
+        "gpt2-tp2-all_gather": "--context-parallel-size 2 --tensor-model-parallel-size 2 --cp-comm-type all_gather",
+        "llama-tp2-recompute": f"{STYLES['llama']} --context-parallel-size 2 --tensor-model-parallel-size 2 "
+        "--recompute-granularity full --recompute-method uniform",
         "gpt2-dp2-distopt": "--context-parallel-size 2 --use-distributed-optimizer",
         "llama-dp2-all_gather": f"{STYLES['llama']} --context-parallel-size 2 --cp-comm-type all_gather",
     }
