@@ -162,3 +162,19 @@ def test_cp2_halves_the_activation_memory_of_a_long_sequence():
     per_rank = run_distributed(_saved_activation_bytes, 2, 2048)
     for got in per_rank:
         assert got < 0.6 * one, (got, one)
+
+
+def _save_worker(rank: int, world_size: int, extra: str) -> dict:
+    return _train(extra)
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_at_cp2_resumes_at_cp1(tmp_path, reference):
+    # CP does not shard weights: a save at CP=2 (iteration 10) resumes in one process and continues the curve.
+    ckpt = tmp_path / "ckpt"
+    llama = STYLES["llama"]
+    save = f"{llama} --context-parallel-size 2 --save {ckpt} --save-interval 10 --exit-interval 10"
+    run_distributed(_save_worker, 2, save)
+    resumed = _train(f"{llama} --load {ckpt}")
+    assert len(resumed["losses"]) == 10
+    assert _max_rel(resumed["losses"], reference["llama"]["losses"][10:]) < RTOL
