@@ -169,7 +169,7 @@ def activation_bytes_per_layer(
     active, and selective recompute drops the term as well. Small terms (RoPE's rotated q/k copies,
     RMSNorm's fp32 upcast) are ignored.
     """
-    s, b, h = cfg.seq_length, micro_batch_size, cfg.hidden_size
+    s, b, h = _local_seq(cfg), micro_batch_size, cfg.hidden_size
     tp = cfg.tensor_model_parallel_size
     a, g, kv, ffn = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels, cfg.ffn_hidden_size
     elem = _element_bytes(cfg)
@@ -183,6 +183,11 @@ def activation_bytes_per_layer(
     if attention_keeps_probabilities(cfg, unfused_attention):
         scores = a * s * s * b * (2 * elem + attn_mask) / tp
     return outside + inside + scores
+
+
+def _local_seq(cfg: MegatronConfig) -> int:
+    """Positions of each sequence one rank holds: all of them, or s / C under context parallelism."""
+    return cfg.seq_length // cfg.context_parallel_size
 
 
 def _element_bytes(cfg: MegatronConfig) -> int:
@@ -204,6 +209,8 @@ def attention_keeps_probabilities(cfg: MegatronConfig, unfused_attention: bool) 
     """Whether backward keeps the s x s attention probabilities (explicit softmax without recompute)."""
     if cfg.recompute_granularity is not None:
         return False  # selective recomputes the core; full recomputes everything
+    if cfg.context_parallel_size > 1:
+        return False  # the ring attention keeps q, k, v, its output and the softmax statistics only
     return unfused_attention or cfg.attention_dropout > 0
 
 
@@ -226,7 +233,7 @@ def estimate_activations(
     dropout mask, the final norm's input and output, and the fp32 softmax of this rank's vocab shard
     that the vocab-parallel cross entropy keeps (4·s·b·V/tp).
     """
-    s, b, h = cfg.seq_length, micro_batch_size, cfg.hidden_size
+    s, b, h = _local_seq(cfg), micro_batch_size, cfg.hidden_size
     tp = cfg.tensor_model_parallel_size
     elem = _element_bytes(cfg)
     layer_bytes = activation_bytes_per_layer(cfg, b, unfused_attention=unfused_attention)
@@ -283,7 +290,7 @@ def compute_stats(cfg: MegatronConfig, *, unfused_attention: bool = False) -> Mo
     grads = 4.0 * params.per_rank
     optimizer = 8.0 * params.per_rank
     if cfg.use_distributed_optimizer:
-        optimizer = 8.0 * -(-params.per_rank // cfg.data_parallel_size)
+        optimizer = 8.0 * -(-params.per_rank // (cfg.data_parallel_size * cfg.context_parallel_size))
     copies = 2.0 * params.per_rank if (cfg.bf16 or cfg.fp16) else 0.0
     acts = estimate_activations(cfg, cfg.micro_batch_size, unfused_attention=unfused_attention)
     return ModelStats(
@@ -316,7 +323,8 @@ def format_report(cfg: MegatronConfig, stats: ModelStats) -> str:
         f"vocab {cfg.vocab_size} padded to {cfg.padded_vocab_size}, "
         f"{'untied' if cfg.untie_embeddings_and_output_weights else 'tied'} embeddings",
         f"layout: {cfg.world_size} rank{'s' if cfg.world_size > 1 else ''} = TP {tp} x DP {dp}"
-        f"{f' x PP {cfg.pipeline_model_parallel_size}' if cfg.pipeline_model_parallel_size > 1 else ''}; micro batch {cfg.micro_batch_size}, "
+        f"{f' x PP {cfg.pipeline_model_parallel_size}' if cfg.pipeline_model_parallel_size > 1 else ''}"
+        f"{f' x CP {cfg.context_parallel_size}' if cfg.context_parallel_size > 1 else ''}; micro batch {cfg.micro_batch_size}, "
         f"global batch {cfg.global_batch_size}; {precision}; sequence parallel "
         f"{'on' if cfg.sequence_parallel else 'off'}; distributed optimizer "
         f"{'on' if cfg.use_distributed_optimizer else 'off'}; recompute {recompute}",
@@ -338,7 +346,9 @@ def format_report(cfg: MegatronConfig, stats: ModelStats) -> str:
         _row(
             "optimizer (AdamW, 2 fp32 states)",
             _mb(stats.optimizer_bytes),
-            f"sharded over DP {dp}" if cfg.use_distributed_optimizer else "",
+            f"sharded over DP {dp}{f' x CP {cfg.context_parallel_size}' if cfg.context_parallel_size > 1 else ''}"
+            if cfg.use_distributed_optimizer
+            else "",
         ),
     ]
     if stats.autocast_copies_bytes:
@@ -347,6 +357,11 @@ def format_report(cfg: MegatronConfig, stats: ModelStats) -> str:
     kind = "s x s probabilities kept" if acts.attention_probabilities_kept else "SDPA path, no s x s term"
     lines += [
         _row(f"activations (micro batch {cfg.micro_batch_size})", _mb(acts.total), kind),
+        *(
+            [_row("  context parallel", f"{_local_seq(cfg)} of {cfg.seq_length} positions per rank", "")]
+            if cfg.context_parallel_size > 1
+            else []
+        ),
         _row("  per layer, no recompute", _mb(acts.per_layer), ""),
         _row("  all layers", _mb(acts.layers), f"recompute {recompute}"),
         _row("  embedding, final norm, loss", _mb(acts.embedding_and_output), ""),

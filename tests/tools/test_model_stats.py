@@ -202,3 +202,18 @@ def test_cli_prints_counts_and_fails_in_one_line(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr == "error: --num-layers is required\n"
     assert bad.stdout == ""
+
+
+def test_context_parallel_divides_activations_and_shards_optimizer_over_dp_x_cp():
+    flags = shape(4, 512, 8) + ["--seq-length", "8192", "--vocab-size", "50257", "--attention-dropout", "0"]
+    one, _ = build_sizing_config(flags)
+    cp, _ = build_sizing_config(
+        flags + ["--context-parallel-size", "4", "--world-size", "8", "--use-distributed-optimizer"]
+    )
+    assert (cp.data_parallel_size, cp.context_parallel_size) == (2, 4)
+    # Every activation term is linear in this rank's positions (8192 / 4) when no s x s term is kept.
+    whole, quarter = estimate_activations(one, 1), estimate_activations(cp, 1)
+    assert quarter.per_layer * 4 == whole.per_layer and quarter.total * 4 == pytest.approx(whole.total)
+    # The distributed optimizer shards over the 8 ranks that hold the same weights (DP x CP).
+    per_rank = count_parameters(cp).per_rank
+    assert compute_stats(cp).optimizer_bytes == 8 * -(-per_rank // 8)
