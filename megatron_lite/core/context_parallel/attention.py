@@ -115,6 +115,24 @@ def _fold(grad: torch.Tensor, repeat: int) -> torch.Tensor:
     return grad.view(b, heads // repeat, repeat, s, d).sum(2)
 
 
+def _block_plan(
+    rank: int, src: int, q_pos: torch.Tensor, k_pos: torch.Tensor, window_left: int | None
+) -> tuple[slice, slice, torch.Tensor | None]:
+    """Which of this rank's query rows meet which of rank src's keys, and the mask there (None: all visible).
+
+    With Megatron's chunk pairs (r, 2C-1-r) the causal structure is known without looking: an earlier
+    rank's first chunk is wholly visible to both query chunks and its second to neither; a later rank's
+    chunks are wholly visible to the second query chunk only. So off-diagonal blocks are half the work and
+    need no mask; the diagonal block and sliding windows are masked from global positions.
+    """
+    if src == rank or window_left is not None:
+        return slice(None), slice(None), _keep(q_pos, k_pos, window_left)
+    half = q_pos.shape[0] // 2
+    if src < rank:
+        return slice(None), slice(0, half), None
+    return slice(half, None), slice(None), None
+
+
 class _RingAttention(torch.autograd.Function):
     """Ring attention: C steps, each attends this rank's queries to one rank's K/V block while the next
     block is in flight; backward sends the blocks around again with their K/V gradients travelling along."""
@@ -136,17 +154,23 @@ class _RingAttention(torch.autograd.Function):
         for step in range(size):
             pending = _exchange(kv, group, forward=True) if step < size - 1 else None
             src = (rank - step) % size
-            keep = _keep(q_pos, cp_positions(seq, size, src, q.device), window_left)
-            scores = torch.matmul(q, _expand(kv[0].to(acc_dtype), repeat).transpose(-2, -1)) * scale
-            scores.masked_fill_(~keep, -math.inf)
-            new_max = torch.maximum(row_max, scores.amax(-1))
+            rows, cols, keep = _block_plan(
+                rank, src, q_pos, cp_positions(seq, size, src, q.device), window_left
+            )
+            k = _expand(kv[0, :, :, cols].to(acc_dtype), repeat)
+            v = _expand(kv[1, :, :, cols].to(acc_dtype), repeat)
+            scores = torch.matmul(q[:, :, rows], k.transpose(-2, -1)) * scale
+            if keep is not None:
+                scores.masked_fill_(~keep, -math.inf)
+            old_max = row_max[..., rows]
+            new_max = torch.maximum(old_max, scores.amax(-1))
             # A row with no visible key yet has max -inf; shift by 0 there so no inf - inf appears.
             shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             probs = torch.exp(scores - shift[..., None])
-            rescale = torch.exp(row_max - shift)
-            row_sum = row_sum * rescale + probs.sum(-1)
-            acc = acc * rescale[..., None] + torch.matmul(probs, _expand(kv[1].to(acc_dtype), repeat))
-            row_max = new_max
+            rescale = torch.exp(old_max - shift)
+            row_sum[..., rows] = row_sum[..., rows] * rescale + probs.sum(-1)
+            acc[:, :, rows] = acc[:, :, rows] * rescale[..., None] + torch.matmul(probs, v)
+            row_max[..., rows] = new_max
             if pending is not None:
                 recv, reqs = pending
                 for req in reqs:
@@ -174,16 +198,20 @@ class _RingAttention(torch.autograd.Function):
         for step in range(size):
             pending = _exchange(kv, group, forward=True) if step < size - 1 else None
             src = (rank - step) % size
-            keep = _keep(q_pos, cp_positions(seq, size, src, q.device), ctx.window_left)
-            k, v = _expand(kv[0].to(acc_dtype), repeat), _expand(kv[1].to(acc_dtype), repeat)
-            scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-            scores.masked_fill_(~keep, -math.inf)
-            probs = torch.exp(scores - lse[..., None])  # the final softmax, block by block
-            dprobs = torch.matmul(dout, v.transpose(-2, -1))
-            dscores = probs * (dprobs - delta)
-            dq += torch.matmul(dscores, k) * scale
-            dkv[0] += _fold(torch.matmul(dscores.transpose(-2, -1), q) * scale, repeat)
-            dkv[1] += _fold(torch.matmul(probs.transpose(-2, -1), dout), repeat)
+            k_pos = cp_positions(seq, size, src, q.device)
+            rows, cols, keep = _block_plan(rank, src, q_pos, k_pos, ctx.window_left)
+            k = _expand(kv[0, :, :, cols].to(acc_dtype), repeat)
+            v = _expand(kv[1, :, :, cols].to(acc_dtype), repeat)
+            q_rows, dout_rows = q[:, :, rows], dout[:, :, rows]
+            scores = torch.matmul(q_rows, k.transpose(-2, -1)) * scale
+            if keep is not None:
+                scores.masked_fill_(~keep, -math.inf)
+            probs = torch.exp(scores - lse[..., rows, None])  # the final softmax, block by block
+            dprobs = torch.matmul(dout_rows, v.transpose(-2, -1))
+            dscores = probs * (dprobs - delta[:, :, rows])
+            dq[:, :, rows] += torch.matmul(dscores, k) * scale
+            dkv[0, :, :, cols] += _fold(torch.matmul(dscores.transpose(-2, -1), q_rows) * scale, repeat)
+            dkv[1, :, :, cols] += _fold(torch.matmul(probs.transpose(-2, -1), dout_rows), repeat)
             # This block's gradient goes on to the next rank with it (one hop behind the block itself).
             dkv_recv, dkv_reqs = _exchange(dkv, group, forward=True)
             if pending is not None:
