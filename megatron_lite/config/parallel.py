@@ -290,7 +290,6 @@ def derive_context_parallel(cfg: Any) -> None:
         "attention_dropout": cfg.attention_dropout > 0,
         "reset_attention_mask": cfg.reset_attention_mask,
         "num_experts": cfg.num_experts is not None,
-        "pipeline_model_parallel_size": cfg.pipeline_model_parallel_size > 1,
         "softmax_type": getattr(cfg, "softmax_type", "vanilla") != "vanilla",
     }
     for name, given in unsupported.items():

@@ -154,7 +154,10 @@ class Trainer(TrainerStep, TrainerCheckpoints, TrainerEvaluation):
             self.chunks = chunks
             self.module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
             self.pipeline = PipelineSchedule(
-                chunks, pstate, micro_batch_size=cfg.micro_batch_size, seq_length=cfg.seq_length
+                chunks,
+                pstate,
+                micro_batch_size=cfg.micro_batch_size,
+                seq_length=cfg.seq_length // cfg.context_parallel_size,  # this CP rank's positions
             )
         else:
             self.module = model_provider(cfg, pstate).to(pstate.device)

@@ -90,6 +90,8 @@ def test_cp2_with_tp2_and_with_dp2_matches_one_process(reference):
         "--recompute-granularity full --recompute-method uniform",
         "gpt2-dp2-distopt": "--context-parallel-size 2 --use-distributed-optimizer",
         "llama-dp2-all_gather": f"{STYLES['llama']} --context-parallel-size 2 --cp-comm-type all_gather",
+        "llama-pp2": f"{STYLES['llama']} --context-parallel-size 2 --pipeline-model-parallel-size 2",
+        "gpt2-pp2": "--context-parallel-size 2 --pipeline-model-parallel-size 2",
     }
     results = run_distributed(_layouts_worker, 4, layouts)
     _assert_matches(results, layouts, reference)
