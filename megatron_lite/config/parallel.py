@@ -287,7 +287,6 @@ def derive_context_parallel(cfg: Any) -> None:
             f"divisible by TP size {cfg.tensor_model_parallel_size}"
         )
     unsupported = {
-        "attention_dropout": cfg.attention_dropout > 0,
         "reset_attention_mask": cfg.reset_attention_mask,
         "num_experts": cfg.num_experts is not None,
         "softmax_type": getattr(cfg, "softmax_type", "vanilla") != "vanilla",

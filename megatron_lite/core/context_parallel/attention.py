@@ -27,12 +27,18 @@ def context_parallel_attention(
     cp_group: dist.ProcessGroup,
     comm_type: str = "p2p",
     window_left: int | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d), causal on global positions) v for this rank's queries -> [b, heads, s/C, d]."""
+    """softmax(q k^T / sqrt(d), causal on global positions) v for this rank's queries -> [b, heads, s/C, d].
+
+    dropout_p > 0 drops attention probabilities with masks drawn from dropout_seed (one generator per
+    block), so backward, and a recomputed forward given the same seed, see the same masks.
+    """
     if comm_type == "all_gather":
-        return _all_gather_attention(query, key, value, cp_group, window_left)
+        return _all_gather_attention(query, key, value, cp_group, window_left, dropout_p, dropout_seed)
     if comm_type == "p2p":
-        return _RingAttention.apply(query, key, value, cp_group, window_left)
+        return _RingAttention.apply(query, key, value, cp_group, window_left, dropout_p, dropout_seed)
     raise ValueError(f"cp_comm_type {comm_type!r} is not one of {CP_COMM_TYPES}")
 
 
@@ -46,6 +52,19 @@ def _keep(q_pos: torch.Tensor, k_pos: torch.Tensor, window_left: int | None) -> 
 
 def _ranks(group: dist.ProcessGroup) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _dropout_scale(
+    shape: torch.Size, p: float, seed: int, block: int, device: torch.device
+) -> torch.Tensor | None:
+    """Kept entries 1 / (1 - p), dropped 0, for one block (None without dropout): a generator per block,
+    so the mask is the same whenever the same seed asks for it."""
+    if p == 0.0:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed + 1_000_003 * block) % (2**63 - 1))
+    keep = torch.rand(shape, generator=generator, device=device) >= p
+    return keep.to(torch.float32) / (1.0 - p)
 
 
 # ---- all_gather: every rank gathers the whole sequence's K/V ------------------------------------------
@@ -74,6 +93,8 @@ def _all_gather_attention(
     value: torch.Tensor,
     group: dist.ProcessGroup,
     window_left: int | None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> torch.Tensor:
     rank, size = _ranks(group)
     local = query.shape[2]
@@ -83,9 +104,17 @@ def _all_gather_attention(
     v_all = torch.cat(gathered[:, 1].unbind(0), dim=2)
     k_pos = torch.cat([cp_positions(seq, size, r, query.device) for r in range(size)])
     keep = _keep(cp_positions(seq, size, rank, query.device), k_pos, window_left)
-    return F.scaled_dot_product_attention(
-        query, k_all, v_all, attn_mask=keep, enable_gqa=query.shape[1] != key.shape[1]
+    if dropout_p == 0.0:
+        return F.scaled_dot_product_attention(
+            query, k_all, v_all, attn_mask=keep, enable_gqa=query.shape[1] != key.shape[1]
+        )
+    repeat = query.shape[1] // key.shape[1]
+    scores = torch.matmul(query, _expand(k_all, repeat).transpose(-2, -1)) / math.sqrt(query.shape[-1])
+    probs = torch.softmax(
+        scores.masked_fill(~keep, -math.inf), dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)
     )
+    scale = _dropout_scale(probs.shape, dropout_p, dropout_seed, 0, query.device)
+    return torch.matmul((probs * scale.to(probs.dtype)).to(query.dtype), _expand(v_all, repeat))
 
 
 # ---- p2p: K/V blocks travel around the ring ---------------------------------------------------------
@@ -138,7 +167,7 @@ class _RingAttention(torch.autograd.Function):
     block is in flight; backward sends the blocks around again with their K/V gradients travelling along."""
 
     @staticmethod
-    def forward(ctx, query, key, value, group, window_left):
+    def forward(ctx, query, key, value, group, window_left, dropout_p, dropout_seed):
         rank, size = _ranks(group)
         repeat = query.shape[1] // key.shape[1]
         scale = 1.0 / math.sqrt(query.shape[-1])
@@ -168,8 +197,10 @@ class _RingAttention(torch.autograd.Function):
             shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             probs = torch.exp(scores - shift[..., None])
             rescale = torch.exp(old_max - shift)
-            row_sum[..., rows] = row_sum[..., rows] * rescale + probs.sum(-1)
-            acc[:, :, rows] = acc[:, :, rows] * rescale[..., None] + torch.matmul(probs, v)
+            row_sum[..., rows] = row_sum[..., rows] * rescale + probs.sum(-1)  # the softmax's, undropped
+            drop = _dropout_scale(probs.shape, dropout_p, dropout_seed, step, q.device)
+            kept = probs if drop is None else probs * drop.to(acc_dtype)
+            acc[:, :, rows] = acc[:, :, rows] * rescale[..., None] + torch.matmul(kept, v)
             row_max[..., rows] = new_max
             if pending is not None:
                 recv, reqs = pending
@@ -180,6 +211,7 @@ class _RingAttention(torch.autograd.Function):
         lse = row_max + torch.log(row_sum)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.group, ctx.window_left, ctx.scale, ctx.repeat = group, window_left, scale, repeat
+        ctx.dropout = (dropout_p, dropout_seed)
         return out.to(query.dtype)
 
     @staticmethod
@@ -207,11 +239,20 @@ class _RingAttention(torch.autograd.Function):
             if keep is not None:
                 scores.masked_fill_(~keep, -math.inf)
             probs = torch.exp(scores - lse[..., rows, None])  # the final softmax, block by block
+            # With dropout out = (mask * probs) v: the mask scales dprobs and the probs v sees; delta
+            # (dout . out) already holds the dropped sum.
+            drop = _dropout_scale(probs.shape, *ctx.dropout, step, q.device)
             dprobs = torch.matmul(dout_rows, v.transpose(-2, -1))
+            kept = probs
+            if drop is not None:
+                drop = drop.to(acc_dtype)
+                dprobs, kept = dprobs * drop, probs * drop
             dscores = probs * (dprobs - delta[:, :, rows])
             dq[:, :, rows] += torch.matmul(dscores, k) * scale
             dkv[0, :, :, cols] += _fold(torch.matmul(dscores.transpose(-2, -1), q_rows) * scale, repeat)
-            dkv[1, :, :, cols] += _fold(torch.matmul(probs.transpose(-2, -1), dout_rows), repeat)
+            dkv[1, :, :, cols] += _fold(torch.matmul(kept.transpose(-2, -1), dout_rows), repeat)
+            if size == 1:
+                break
             # This block's gradient goes on to the next rank with it (one hop behind the block itself).
             dkv_recv, dkv_reqs = _exchange(dkv, group, forward=True)
             if pending is not None:
@@ -223,4 +264,4 @@ class _RingAttention(torch.autograd.Function):
                 req.wait()
             dkv = dkv_recv
         # After C hops every block's gradient is back on the rank that owns the block.
-        return dq.to(query.dtype), dkv[0].to(key.dtype), dkv[1].to(value.dtype), None, None
+        return dq.to(query.dtype), dkv[0].to(key.dtype), dkv[1].to(value.dtype), None, None, None, None

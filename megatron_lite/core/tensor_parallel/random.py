@@ -163,5 +163,14 @@ class Dropout(nn.Module):
                 return nn.functional.dropout(x, self.p, training=True)
         return nn.functional.dropout(x, self.p, training=True)
 
+    def draw_seed(self, device: torch.device) -> int:
+        """A seed from this dropout's stream, for kernels that draw their own masks from it (context-parallel
+        attention): recompute replays the stream, so it gets the same seed and the same masks."""
+        context = (
+            _RNG_TRACKER.fork(MODEL_PARALLEL_RNG) if self.use_model_parallel_rng else contextlib.nullcontext()
+        )
+        with context:
+            return int(torch.randint(0, 2**62, (1,), device=device).item())
+
     def extra_repr(self) -> str:
         return f"p={self.p}, use_model_parallel_rng={self.use_model_parallel_rng}"

@@ -84,6 +84,7 @@ class DotProductAttention(nn.Module):
         sq, b = query.shape[:2]
         if self.context_parallel is not None:
             group, comm_type = self.context_parallel
+            p = self.attention_dropout.p if self.training else 0.0
             out = context_parallel_attention(
                 query.permute(1, 2, 0, 3),
                 key.permute(1, 2, 0, 3),
@@ -91,6 +92,8 @@ class DotProductAttention(nn.Module):
                 group,
                 comm_type,
                 self.window_left,
+                dropout_p=p,
+                dropout_seed=self.attention_dropout.draw_seed(query.device) if p > 0 else 0,
             )  # [b, heads, sq, d]
             return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
         sk = key.shape[0]
