@@ -151,6 +151,7 @@ def test_layout_pointer_and_common_file(tmp_path):
         "tensor_model_parallel_size": 1,
         "data_parallel_size": 1,
         "pipeline_model_parallel_size": 1,
+        "context_parallel_size": 1,
     }
     # Megatron's keys and shapes: the padded vocabulary [384, h], SwiGLU's fc1 in two pieces (gate, up),
     # Adam's moments as optimizer.state.<moment>.<key>, rng_state a ShardedObject of the (PP, TP) grid.

@@ -190,3 +190,18 @@ def test_cp2_with_attention_dropout_is_reproducible(tmp_path):
     assert first["losses"] == second["losses"]
     plain = run_distributed(_layouts_worker, 2, {"p": "--context-parallel-size 2 --train-iters 4"})[0]["p"]
     assert first["losses"] != plain["losses"]
+
+
+@pytest.mark.slow
+def test_cp2_resume_with_dropout_is_bit_exact(tmp_path):
+    # Each CP rank gets back its own RNG streams, so the resumed run draws the masks the straight one drew.
+    ckpt = tmp_path / "ckpt"
+    # The fp32 matmul path pinned: "auto" picks by timing, and separate runs on a loaded machine may differ.
+    flags = (
+        "--context-parallel-size 2 --attention-dropout 0.1 --hidden-dropout 0.1 --train-iters 8 "
+        "--fp32-matmul-precision highest"
+    )
+    straight = run_distributed(_layouts_worker, 2, {"s": flags})[0]["s"]["losses"]
+    run_distributed(_layouts_worker, 2, {"a": f"{flags} --save {ckpt} --save-interval 4 --exit-interval 4"})
+    resumed = run_distributed(_layouts_worker, 2, {"b": f"{flags} --load {ckpt}"})[0]["b"]["losses"]
+    assert resumed == straight[4:]

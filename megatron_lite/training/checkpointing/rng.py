@@ -56,19 +56,21 @@ def set_rng(state: dict[str, Any]) -> None:
 def restore_rng(
     ckpt: Path, common: dict[str, Any], cfg: MegatronConfig, pstate: ParallelState, iteration: int
 ) -> None:
-    """Each rank takes the streams of the saved rank at the same (DP, TP) place. When the TP size changed,
+    """Each rank takes the streams of the saved rank at the same (PP, DP, CP, TP) place. When the TP size changed,
     or this DP rank did not exist, it is re-seeded from (seed, iteration, DP rank): the same value on all
     TP ranks of a DP group, whose replicated activations must keep drawing identical dropout masks."""
     saved = common["layout"]
     same_pp = saved.get("pipeline_model_parallel_size", 1) == pstate.pp_size
+    same_cp = saved.get("context_parallel_size", 1) == pstate.cp_size
     if (
         same_pp
+        and same_cp
         and saved["tensor_model_parallel_size"] == pstate.tp_size
         and pstate.dp_rank < saved["data_parallel_size"]
     ):
-        # The saved rank at this (PP, DP, TP) place, in Megatron's rank order.
+        # The saved rank at this (PP, DP, CP, TP) place, in Megatron's rank order.
         rank = pstate.tp_rank + pstate.tp_size * (
-            pstate.dp_rank + saved["data_parallel_size"] * pstate.pp_rank
+            pstate.cp_rank + pstate.cp_size * (pstate.dp_rank + saved["data_parallel_size"] * pstate.pp_rank)
         )
         set_rng(torch.load(ckpt / rng_file_name(rank), map_location="cpu", weights_only=True))
         return

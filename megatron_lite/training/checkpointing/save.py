@@ -100,6 +100,7 @@ def save_checkpoint(
             "tensor_model_parallel_size": pstate.tp_size,
             "data_parallel_size": pstate.dp_size,
             "pipeline_model_parallel_size": pstate.pp_size,
+            "context_parallel_size": pstate.cp_size,
         }
         save.common = build_common(
             iteration, consumed_train_samples, cfg, scheduler, optimizer_groups, layout, extra_state
