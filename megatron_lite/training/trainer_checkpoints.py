@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from megatron_lite.training.optimizer import finish_param_sync
 
 
@@ -31,6 +33,15 @@ class TrainerCheckpoints:
         scaler_state = (progress.extra_state or {}).get("loss_scaler")
         if scaler_state and self.cfg.fp16 and not self.cfg.finetune and not self.cfg.no_load_optim:
             self.scaler.load_state_dict(scaler_state)
+        # --fp32-matmul-precision auto chooses by timing, which can differ between two starts on a busy
+        # machine; the run's own earlier choice keeps a resume bit-exact.
+        saved_precision = (progress.extra_state or {}).get("fp32_matmul_precision")
+        if saved_precision and self.cfg.fp32_matmul_precision == "auto" and not self.cfg.finetune:
+            if saved_precision != torch.get_float32_matmul_precision():
+                torch.set_float32_matmul_precision(saved_precision)
+                self.logger.print(
+                    f"> fp32 matmul precision: {saved_precision} (the checkpointed run's choice)"
+                )
         self.logger.print(
             f"> resuming from {self.cfg.load} at iteration {self.iteration}, "
             f"{self.consumed_train_samples} consumed samples"
@@ -55,6 +66,7 @@ class TrainerCheckpoints:
             consumed_train_samples=self.consumed_train_samples,
             extra_state={
                 "loss_scaler": self.scaler.state_dict(),
+                "fp32_matmul_precision": torch.get_float32_matmul_precision(),
                 "skipped_iterations": self.skipped_iterations,
             },
         )

@@ -14,6 +14,7 @@ from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.core.performance import matmul_precision
 from megatron_lite.errors import UserError
 from megatron_lite.training import setup as training_setup
+from megatron_lite.training import training
 from megatron_lite.training.data_samplers import MockGPTDataset
 from megatron_lite.training.training import NonFiniteTrainingError, pretrain
 
@@ -383,3 +384,27 @@ def test_compiled_training_matches_eager():
     compiled = pretrain(config("--micro-batch-size 2 --train-iters 4 --compile"))
     a, b = [v for _, v in eager.losses], [v for _, v in compiled.losses]
     assert b == pytest.approx(a, rel=1e-5, abs=0)
+
+
+def test_resume_keeps_the_checkpointed_runs_fp32_matmul_path(tmp_path, monkeypatch, capsys):
+    # "auto" decides by timing; on a busy machine a restart could pick another path and break bit-exact
+    # resume, so a resumed auto run takes the path the checkpointed run used.
+    ckpt = tmp_path / "ckpt"
+    with matmul_precision(torch.get_float32_matmul_precision()):  # restored afterwards
+        pretrain(
+            config(
+                f"--micro-batch-size 2 --train-iters 2 --fp32-matmul-precision medium --save {ckpt} --save-interval 2"
+            )
+        )
+
+        def picks_highest(device, policy, group=None):
+            torch.set_float32_matmul_precision("highest")
+            return "highest (auto; stubbed)"
+
+        monkeypatch.setattr(training, "configure_matmul_precision", picks_highest)
+        capsys.readouterr()
+        pretrain(
+            config(f"--micro-batch-size 2 --train-iters 4 --load {ckpt} --save {ckpt} --save-interval 2")
+        )
+        assert torch.get_float32_matmul_precision() == "medium"
+        assert "> fp32 matmul precision: medium (the checkpointed run's choice)" in capsys.readouterr().out
