@@ -158,6 +158,24 @@ def test_unreadable_manifest_and_missing_file_are_damage(tmp_path):
     assert_params_equal(snap, snaps[4])
 
 
+@pytest.mark.parametrize(
+    ("files", "problem"),
+    [
+        # Issue 16's case: a name that leaves the directory is refused, never looked up.
+        ({"../../../../etc/hostname": {"size": 1, "crc32": 0}}, "names '../../../../etc/hostname', which is not a file name inside the checkpoint"),
+        ({"/etc/hostname": {"size": 1, "crc32": 0}}, "names '/etc/hostname', which is not a file name inside the checkpoint"),
+        ({"common.pt": "abc"}, "gives 'common.pt' no integer size and crc32"),
+        ({"common.pt": {"size": "7", "crc32": 0}}, "gives 'common.pt' no integer size and crc32"),
+        (["common.pt"], "is unreadable or not a checksum list"),
+    ],
+)  # fmt: skip
+def test_manifest_entries_must_be_plain_names_with_integer_checksums(tmp_path, files, problem):
+    saved_twice(tmp_path)
+    manifest = tmp_path / "iter_0000004" / "checksums.json"
+    manifest.write_text(json.dumps({"algorithm": "crc32", "files": files}))
+    assert verify_checkpoint(tmp_path / "iter_0000004") == f"{manifest} {problem}"
+
+
 # ---- SIGKILL in the middle of writing a checkpoint ----------------------------------------------------
 # Runs pretrain in a child process that SIGKILLs itself just before its K-th file-system step (fsync,
 # rename, replace) of the save of iteration 4: every point between the first shard byte and the moved pointer.

@@ -12,6 +12,7 @@ import os
 import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
@@ -57,13 +58,30 @@ def verify_checkpoint(ckpt: str | os.PathLike, pstate: ParallelState | None = No
     except (OSError, ValueError, KeyError, TypeError):
         manifest = {}
         problems.append(("", f"{manifest_path} is unreadable or not a checksum list"))
+    if not isinstance(manifest, dict):
+        manifest = {}
+        problems.append(("", f"{manifest_path} is unreadable or not a checksum list"))
     for index, (name, expected) in enumerate(sorted(manifest.items())):
         if index % pstate.world_size == pstate.rank:
-            problem = _check_file(ckpt / name, expected)
+            problem = _manifest_entry_problem(manifest_path, name, expected) or _check_file(
+                ckpt / name, expected
+            )
             if problem is not None:
                 problems.append((name, problem))
     found = sorted(p for part in all_gather_objects(pstate, problems) for p in part)
     return found[0][1] if found else None
+
+
+def _manifest_entry_problem(manifest_path: Path, name: Any, expected: Any) -> str | None:
+    """A manifest entry must name a plain file of this directory and give its size and CRC-32 as integers:
+    a name such as ../../etc/hostname would make the loader look outside the checkpoint."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+    if not plain:
+        return f"{manifest_path} names {name!r}, which is not a file name inside the checkpoint"
+    fields = ("size", "crc32")
+    if not isinstance(expected, dict) or not all(type(expected.get(f)) is int for f in fields):
+        return f"{manifest_path} gives {name!r} no integer size and crc32"
+    return None
 
 
 def _check_file(path: Path, expected: dict[str, int]) -> str | None:
