@@ -20,8 +20,9 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        # sentencepiece in dev too, so that the SentencePiece tokenizer tests run wherever the tests do.
-        "dev": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.1.99"],
+        # sentencepiece in dev too, so that the SentencePiece tokenizer tests run wherever the tests do;
+        # hypothesis for the config fuzz test.
+        "dev": ["pytest>=7", "ruff>=0.5", "sentencepiece>=0.1.99", "hypothesis>=6.0"],
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
         "sentencepiece": ["sentencepiece>=0.1.99"],
         "wandb": ["wandb>=0.16"],

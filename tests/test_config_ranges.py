@@ -65,3 +65,15 @@ def test_out_of_range_is_exit_2_without_traceback(tmp_path):
         timeout=120,
     )
     assert (proc.returncode, proc.stderr.strip()) == (2, "error: --lr must be a finite number, got nan")
+
+
+def test_yaml_rampup_of_the_wrong_length_is_one_line(tmp_path):
+    # Found by the fuzz test: a YAML scalar became a one-item list, then an unpacking traceback.
+    path = tmp_path / "cfg.yaml"
+    path.write_text("rampup_batch_size: 0\ntrain_samples: 64\n")
+    flags = [f for f in tiny_flags() if f != "--train-iters"]
+    with pytest.raises(UserError) as caught:
+        parse_config(["--yaml-cfg", str(path), *flags]).finalize(1, 257)
+    assert str(caught.value) == (
+        "--rampup-batch-size takes three numbers (start batch, increment, ramp-up samples), got 0"
+    )

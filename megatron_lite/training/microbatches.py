@@ -309,6 +309,11 @@ def build_num_microbatches_calculator(cfg: Any) -> ConstantNumMicroBatchesCalcul
             cfg.data_parallel_size,
             cfg.decrease_batch_size_if_needed,
         )
+    if len(cfg.rampup_batch_size) != 3:  # a YAML list can have any length; the flag takes exactly three
+        fail(
+            "--rampup-batch-size takes three numbers (start batch, increment, ramp-up samples), "
+            f"got {' '.join(map(str, cfg.rampup_batch_size)) or 'none'}"
+        )
     start, increment, samples = (int(v) for v in cfg.rampup_batch_size)
     return RampupBatchsizeNumMicroBatchesCalculator(
         cfg.global_batch_size,
