@@ -32,7 +32,7 @@ class TrainerEvaluation:
         self.model.train()
         if count == 0:
             return None
-        totals = self._dp_sum(totals)
+        totals = self._sum_over_grad_group(totals)
         if self.pipeline is not None:
             totals = self.pipeline.broadcast_from_last_stage(totals)
         return (totals[0] / totals[1]).item()

@@ -53,7 +53,7 @@ class TrainerStep:
             )  # [b, s]
         return self._loss_func(per_token, batch["loss_mask"])
 
-    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+    def _sum_over_grad_group(self, value: torch.Tensor) -> torch.Tensor:
         """Summed over the ranks that hold other tokens of the global batch (DP, and CP)."""
         if self.pstate.grad_size > 1:
             dist.all_reduce(value, group=self.pstate.grad_group)
@@ -110,7 +110,7 @@ class TrainerStep:
         if self.moe is not None:
             self.moe.after_backward()
         timers("forward-backward").stop()
-        totals = self._dp_sum(torch.stack([loss_sum, num_tokens.sum()]))
+        totals = self._sum_over_grad_group(torch.stack([loss_sum, num_tokens.sum()]))
         if self.pipeline is not None:
             totals = self.pipeline.broadcast_from_last_stage(totals)  # only the last stage has the loss
         lm_loss = (totals[0] / totals[1]).item()
