@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed.checkpoint as dcp
-from test_checkpointing import ONE, POINTER, assert_same, assert_same_draws, fresh, save, trained
+from checkpoint_cases import ONE, POINTER, assert_same, assert_same_draws, fresh, save, trained
 from test_checkpointing_support import draw_random_numbers, seed_everything, snapshot
 
 from megatron_lite.training.checkpointing import load_checkpoint, load_saved_config, read_full_tensors
