@@ -241,6 +241,9 @@ def test_interrupt_removes_temporary_files(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        # A shell's background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt:
+        # give the tool the disposition an interactive user's process has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     with open(fifo, "wb") as writer:  # returns once the tool has opened the input
         writer.write(GOOD + b"\n")
