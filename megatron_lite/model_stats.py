@@ -8,6 +8,13 @@ from dataclasses import dataclass
 from megatron_lite.arguments import build_parser, config_from_namespace
 from megatron_lite.config import MegatronConfig
 from megatron_lite.errors import fail
+from megatron_lite.model_stats_memory import (  # noqa: F401  (re-exported: model_stats' public API)
+    ActivationEstimate,
+    _local_seq,
+    activation_bytes_per_layer,
+    attention_keeps_probabilities,
+    estimate_activations,
+)
 from megatron_lite.training.flops import flops_per_token, num_floating_point_operations
 
 MB = 2**20
@@ -39,6 +46,13 @@ def build_sizing_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Size activations for an attention that keeps the s x s probabilities (no SDPA/flash).",
     )
+    group.add_argument(
+        "--estimate",
+        dest="sizing_estimate",
+        metavar="DEVICE",
+        help="Also predict the iteration time, TFLOP/s per GPU, MFU and tokens/s on DEVICE: "
+        "A100-40GB, A100-80GB, H100, H200, or cpu (measures this machine at the model's shapes).",
+    )
     return parser
 
 
@@ -52,6 +66,7 @@ def build_sizing_config(argv: list[str] | None = None) -> tuple[MegatronConfig, 
     world = namespace.pop("sizing_world_size", None)
     dp = namespace.pop("sizing_data_parallel_size", None)
     unfused = namespace.pop("sizing_unfused_attention", False)
+    namespace.pop("sizing_estimate", None)  # read by model_stats_main
     cfg = config_from_namespace(namespace)
 
     # A model replica spans TP x PP ranks.
@@ -120,11 +135,15 @@ def count_parameters(cfg: MegatronConfig) -> ParameterCounts:
 
     qkv_out = (a + 2 * g) * kv
     fc1_out = ffn * (2 if cfg.swiglu else 1)
-    sharded = qkv_out * h + (qkv_out if cfg.qkv_bias else 0)  # linear_qkv
-    sharded += h * a * kv  # linear_proj weight
+    if cfg.multi_latent_attention:
+        sharded, replicated = _mla_parameters(cfg)
+    else:
+        sharded = qkv_out * h + (qkv_out if cfg.qkv_bias else 0)  # linear_qkv
+        sharded += h * a * kv  # linear_proj weight
+        replicated = 0
     sharded += fc1_out * h + (fc1_out if bias else 0)  # linear_fc1
     sharded += h * ffn  # linear_fc2 weight
-    replicated = 2 * norm + (2 * h if bias else 0)  # two norms; proj and fc2 biases
+    replicated += 2 * norm + (2 * h if bias else 0)  # two norms; proj and fc2 biases
     per_layer = sharded + replicated
     per_rank_per_layer = sharded // tp + replicated
 
@@ -148,117 +167,25 @@ def count_parameters(cfg: MegatronConfig) -> ParameterCounts:
     )
 
 
-# ---- activations ----------------------------------------------------------------------------------
-def activation_bytes_per_layer(
-    cfg: MegatronConfig, micro_batch_size: int, *, unfused_attention: bool
-) -> float:
-    """Bytes one transformer layer keeps for backward, per micro batch, on one rank (no recompute).
-
-    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") count,
-    for 16-bit activations and 1-byte dropout masks, s·b·h·(34 + 5·a·s/h) per layer:
-      - outside the TP region (divided by tp only with sequence parallelism), 10·sbh: the inputs of
-        both norms and of QKV and fc1 (2 bytes each) and the two residual dropout masks (1 byte each);
-      - inside it (divided by tp), 24·sbh: Q, K, V, the attention context, the GELU input (4h) and
-        output (4h), 2 bytes each;
-      - the attention core, 5·a·s²·b: softmax output (2), its dropout mask (1), dropout output (2).
-    Generalised here: K and V have g·kv columns (GQA), the MLP has ffn columns (SwiGLU keeps
-    gate+up, silu(gate) and the product: 4·ffn), activations are 4 bytes without --bf16/--fp16, and
-    dropout masks exist only when the dropout is non-zero.
-    The s x s term applies only when the attention probabilities are kept: our DotProductAttention
-    uses SDPA (flash: only per-row softmax statistics, ignored here) unless attention dropout is
-    active, and selective recompute drops the term as well. Small terms (RoPE's rotated q/k copies,
-    RMSNorm's fp32 upcast) are ignored.
-    """
-    s, b, h = _local_seq(cfg), micro_batch_size, cfg.hidden_size
-    tp = cfg.tensor_model_parallel_size
-    a, g, kv, ffn = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels, cfg.ffn_hidden_size
-    elem = _element_bytes(cfg)
-    hidden_mask = _mask_bytes(cfg.hidden_dropout)
-    attn_mask = _mask_bytes(cfg.attention_dropout)
-
-    outside = s * b * h * (4 * elem + 2 * hidden_mask) / _sequence_shards(cfg)
-    mlp_columns = 4 * ffn if cfg.swiglu else 2 * ffn
-    inside = s * b * elem * ((a + 2 * g) * kv + a * kv + mlp_columns) / tp
-    scores = 0.0
-    if attention_keeps_probabilities(cfg, unfused_attention):
-        scores = a * s * s * b * (2 * elem + attn_mask) / tp
-    return outside + inside + scores
-
-
-def _local_seq(cfg: MegatronConfig) -> int:
-    """Positions of each sequence one rank holds: all of them, or s / C under context parallelism."""
-    return cfg.seq_length // cfg.context_parallel_size
-
-
-def _element_bytes(cfg: MegatronConfig) -> int:
-    """Bytes of one activation: 16-bit under --bf16/--fp16 autocast, else fp32."""
-    return 2 if (cfg.bf16 or cfg.fp16) else 4
-
-
-def _mask_bytes(dropout: float) -> int:
-    """Bytes per element of a dropout mask: 1, or 0 when the dropout is off and keeps none."""
-    return 1 if dropout > 0 else 0
-
-
-def _sequence_shards(cfg: MegatronConfig) -> int:
-    """How many ranks split the activations outside the TP region: tp with sequence parallelism, else 1."""
-    return cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
-
-
-def attention_keeps_probabilities(cfg: MegatronConfig, unfused_attention: bool) -> bool:
-    """Whether backward keeps the s x s attention probabilities (explicit softmax without recompute)."""
-    if cfg.recompute_granularity is not None:
-        return False  # selective recomputes the core; full recomputes everything
-    if cfg.context_parallel_size > 1:
-        return False  # the ring attention keeps q, k, v, its output and the softmax statistics only
-    return unfused_attention or cfg.attention_dropout > 0
-
-
-@dataclass(frozen=True)
-class ActivationEstimate:
-    per_layer: float  # bytes of one layer without recompute
-    layers: float  # all layers, with the chosen recompute
-    embedding_and_output: float
-    total: float
-    attention_probabilities_kept: bool
-
-
-def estimate_activations(
-    cfg: MegatronConfig, micro_batch_size: int, *, unfused_attention: bool = False
-) -> ActivationEstimate:
-    """Activation bytes per micro batch on one rank, with --recompute-* applied.
-
-    Full recompute keeps each recompute chunk's input (s·b·h, /tp with SP) plus, while one chunk is
-    recomputed in backward, that chunk's layers' activations. Embedding and output: the embedding
-    dropout mask, the final norm's input and output, and the fp32 softmax of this rank's vocab shard
-    that the vocab-parallel cross entropy keeps (4·s·b·V/tp).
-    """
-    s, b, h = _local_seq(cfg), micro_batch_size, cfg.hidden_size
-    tp = cfg.tensor_model_parallel_size
-    elem = _element_bytes(cfg)
-    layer_bytes = activation_bytes_per_layer(cfg, b, unfused_attention=unfused_attention)
-    layer_input = s * b * h * elem / _sequence_shards(cfg)
-    n = cfg.num_layers
-    if cfg.recompute_granularity == "full":
-        k = cfg.recompute_num_layers
-        if cfg.recompute_method == "uniform":
-            chunks = -(-n // k)
-            layers = chunks * layer_input + min(k, n) * layer_bytes
-        else:
-            # block: the first k layers only keep their inputs; by the time backward recomputes
-            # them the other layers' activations are freed, so the peak is the larger of the two.
-            layers = k * layer_input + max(n - k, 1) * layer_bytes
+def _mla_parameters(cfg: MegatronConfig) -> tuple[int, int]:
+    """Multi-latent attention's weights (its proj bias is counted with the layer's): those sharded over TP
+    (the query and up projections, linear_proj) and those every rank holds (the down projections, the
+    latent norms of --qk-layernorm)."""
+    h, a = cfg.hidden_size, cfg.num_attention_heads
+    q_head = cfg.qk_head_dim + cfg.qk_pos_emb_head_dim
+    per_norm = 2 if cfg.normalization == "LayerNorm" else 1
+    sharded = cfg.kv_lora_rank * a * (cfg.qk_head_dim + cfg.v_head_dim) + a * cfg.v_head_dim * h
+    replicated = h * (cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim)
+    latent_norms = cfg.kv_lora_rank
+    if cfg.q_lora_rank is None:
+        sharded += h * a * q_head
     else:
-        layers = n * layer_bytes
-    edge = s * b * h * (_mask_bytes(cfg.hidden_dropout) + 2 * elem) / _sequence_shards(cfg)
-    edge += 4 * s * b * cfg.padded_vocab_size / tp
-    return ActivationEstimate(
-        per_layer=layer_bytes,
-        layers=layers,
-        embedding_and_output=edge,
-        total=layers + edge,
-        attention_probabilities_kept=attention_keeps_probabilities(cfg, unfused_attention),
-    )
+        sharded += cfg.q_lora_rank * a * q_head
+        replicated += h * cfg.q_lora_rank
+        latent_norms += cfg.q_lora_rank
+    if cfg.qk_layernorm:
+        replicated += per_norm * latent_norms
+    return sharded, replicated
 
 
 # ---- everything together --------------------------------------------------------------------------
@@ -417,5 +344,10 @@ def model_stats_main(argv: list[str] | None = None) -> int:
         from megatron_lite.model_stats_pipeline import format_pipeline_report
 
         report += "\n" + format_pipeline_report(cfg, stats)
+    device_name = vars(build_sizing_parser().parse_known_args(argv)[0]).get("sizing_estimate")
+    if device_name is not None:
+        from megatron_lite.step_time_model import estimate_report
+
+        report += "\n" + estimate_report(cfg, device_name, unfused_attention=unfused)
     print(report, flush=True)
     return 0

@@ -138,6 +138,13 @@ _SIZES: dict[str, str | list[str]] = {
     "--ffn-hidden-size": "128",
     "--moe-ffn-hidden-size": "64",
     "--moe-shared-expert-intermediate-size": "64",
+    # DeepSeek's: the first layer dense, the rest MoE, over the 2 layers; multi-latent attention's sizes.
+    "--moe-layer-freq": "([0]+[1]*1)",
+    "--q-lora-rank": "24",
+    "--kv-lora-rank": "16",
+    "--qk-head-dim": "16",
+    "--qk-pos-emb-head-dim": "8",
+    "--v-head-dim": "16",
     "--seq-length": "32",
     "--max-position-embeddings": "64",
     "--micro-batch-size": "1",

@@ -113,11 +113,6 @@ _BY_DEST: dict[str, Policy] = {
     "align_param_gather": _switch("no effect: the distributed optimizer gathers parameters after its step"),
     "manual_gc_eval": _switch("garbage is collected around evaluation as around training with --manual-gc"),
     "data_parallel_random_init": _refused("--data-parallel-random-init is not implemented"),
-    "rope_type": _refused(
-        "Megatron's non-MLA attention supports only --rope-type rope (it asserts); YaRN for gpt-oss comes "
-        "with --enable-gpt-oss",
-        "rope",
-    ),
     "use_persistent_ckpt_worker": _switch(
         "the --async-save writer is a thread of each rank (torch.distributed.checkpoint.async_save); there is no "
         "worker process to keep"
@@ -147,7 +142,6 @@ _BY_DEST: dict[str, Policy] = {
     ),
     "hierarchical_context_parallel_sizes": _later(15, "context parallelism", gate=_CP),
     "hybrid_context_parallel": _later(15, "context parallelism"),
-    "multi_latent_attention": _later(14, "multi-latent attention"),
     "export_force_local_attention": _switch(
         "megatron-lite's attention is always its own PyTorch module (Megatron's local DotProductAttention role)"
     ),
@@ -185,9 +179,10 @@ _BY_PATTERN: list[tuple[str, Policy]] = [
     # --num-experts: without experts they change nothing (a notice says so).
     (r"^moe_|^expert_|^num_moe_experts$", _later(14, "this mixture-of-experts option", gate=_MOE)),
     (
-        r"^(q_lora_rank|kv_lora_rank|qk_head_dim|qk_pos_emb_head_dim|v_head_dim|rotary_scaling_factor|mscale|"
-        r"mscale_all_dim|cache_mla_latents)$",
-        _later(14, "multi-latent attention", gate=_MLA),
+        r"^cache_mla_latents$",
+        _refused(
+            "--cache-mla-latents needs Megatron's dynamic inference engine with FlashMLA (GPU)", gate=_MLA
+        ),
     ),
     (r"^mtp_", _refused("multi-token prediction (--mtp-*) is not implemented")),
     (r"^ckpt_fully_parallel|^dist_ckpt_|^ckpt_pg_", _OWN_SHARDS),

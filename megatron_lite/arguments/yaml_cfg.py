@@ -10,12 +10,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from megatron_lite.arguments.megatron_flags import TABLE_PATH, MegatronFlag, flags_by_dest, megatron_flags
 from megatron_lite.arguments.parser import base_type, field_types
 from megatron_lite.config import config_fields
 from megatron_lite.errors import fail
+from megatron_lite.readers.files import read_yaml
 
 _SECTIONS = ("language_model", "model_parallel", "training", "data", "checkpointing", "logging")
 
@@ -130,14 +129,7 @@ def _read(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         fail(f"--yaml-cfg {path}: no such file")
-    try:
-        raw = yaml.safe_load(file.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        fail(f"{path}: is not UTF-8 text (byte {err.start}); save it as UTF-8")
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        fail(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})")
+    raw = read_yaml(file, "save it as UTF-8 YAML")
     if raw is None:
         return {}
     if not isinstance(raw, dict):

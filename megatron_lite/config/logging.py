@@ -28,6 +28,13 @@ class LoggingArgs:
     tensorboard_dir: str | None = _f(None, "Write TensorBoard logs here.", group="logging")
     tensorboard_log_interval: int = _f(1, "Iterations between TensorBoard points.", group="logging")
     tensorboard_queue_size: int = _f(1000, "TensorBoard event queue size.", group="logging")
+    save_tokens_per_expert_interval: int | None = _f(
+        None,
+        "Every N iterations append each MoE layer's tokens per local expert, per micro batch, to "
+        "{save}/tokens_per_expert/rank{R}.jsonl (Megatron's format), and write the global batch's "
+        "expert load (max and min tokens per expert over the mean) to TensorBoard.",
+        group="logging",
+    )
     log_throughput: bool = _f(
         False,
         "Print Megatron's TFLOP/s per GPU in the log line (TensorBoard `throughput` with "
@@ -156,6 +163,8 @@ def _check_logging_and_switches(cfg: Any) -> None:
             fail("--wandb-project needs --wandb-exp-name NAME, the wandb run's name (as in Megatron)")
         if not cfg.wandb_save_dir and not cfg.save:
             fail("--wandb-project needs --wandb-save-dir DIR (or --save, whose wandb/ folder is the default)")
+    if cfg.save_tokens_per_expert_interval is not None and not cfg.save:
+        fail("--save-tokens-per-expert-interval writes under --save; give --save DIR (and --save-interval)")
     if cfg.manual_gc_interval < 0:
         fail(f"--manual-gc-interval must be >= 0, got {cfg.manual_gc_interval}")
     if cfg.exit_signal_handler:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_lite.config.fields import _f, fail, flag_name, require
+from megatron_lite.config.mla_checks import derive_mla
 from megatron_lite.config.moe_checks import derive_moe, parse_list_expression
 
 
@@ -108,6 +109,30 @@ class ModelArgs:
         "unrounded correction range (the constants of Megatron's ModelOpt builder, the only place Megatron "
         "reads this flag; here it applies to every run).",
         group="model",
+    )
+    # ---- multi-latent attention (DeepSeek-V2/V3); Megatron's dests and defaults ----------------------
+    multi_latent_attention: bool = _f(
+        False,
+        "Multi-latent attention (low-rank q/kv projections, decoupled RoPE) instead of MHA/GQA.",
+        group="mla",
+    )
+    q_lora_rank: int | None = _f(
+        None, "Rank of the query's low-rank projection (None: one full linear_q_proj).", group="mla"
+    )
+    kv_lora_rank: int = _f(32, "Rank of the key/value latent.", group="mla")
+    qk_head_dim: int = _f(128, "Per-head query/key size without the RoPE part.", group="mla")
+    qk_pos_emb_head_dim: int = _f(64, "Per-head size of the RoPE part of query/key.", group="mla")
+    v_head_dim: int = _f(128, "Per-head value size.", group="mla")
+    rope_type: str | None = _f(
+        None,
+        "MLA's RoPE: yarn (the default with MLA) or rope; other attention takes rope only.",
+        choices=["rope", "yarn"],
+        group="mla",
+    )
+    rotary_scaling_factor: float = _f(1.0, "YaRN scaling factor of MLA's RoPE.", group="mla")
+    mscale: float = _f(1.0, "YaRN mscale of MLA's RoPE.", group="mla")
+    mscale_all_dim: float = _f(
+        0.0, "YaRN mscale_all_dim of MLA's RoPE (also in the softmax scale).", group="mla"
     )
     attention_dropout: float = _f(0.1, "Dropout on attention probabilities.", group="model")
     hidden_dropout: float = _f(0.1, "Dropout on the embeddings and on each residual branch.", group="model")
@@ -240,7 +265,7 @@ def derive_model(cfg: Any) -> None:
             f"--seq-length {cfg.seq_length} is larger than --max-position-embeddings "
             f"{cfg.max_position_embeddings}; raise --max-position-embeddings or shorten --seq-length"
         )
-    if cfg.position_embedding_type == "rope":
+    if cfg.position_embedding_type == "rope" and not cfg.multi_latent_attention:
         rotary_dim = int(cfg.kv_channels * cfg.rotary_percent)
         if rotary_dim <= 0 or rotary_dim % 2 != 0:
             fail(
@@ -261,6 +286,7 @@ def derive_model(cfg: Any) -> None:
         fail(f"--rope-scaling-factor must be positive, got {cfg.rope_scaling_factor}")
     cfg.window_size = parse_window_size(cfg.window_size)
     derive_gpt_oss_switches(cfg)
+    derive_mla(cfg)
     derive_moe(cfg)
 
 

@@ -33,6 +33,7 @@ _MOE_DEFAULTS: dict[str, Any] = {
     "moe_grouped_gemm": False,
     "moe_per_layer_logging": False,
     "expert_tensor_parallel_size": None,
+    "save_tokens_per_expert_interval": None,
 }
 AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 
@@ -251,10 +252,5 @@ def _check_parallel(cfg: Any) -> None:
         fail("expert biases need --expert-tensor-parallel-size 1 (as in Megatron); add --disable-bias-linear")
     if tp > 1 and not cfg.sequence_parallel:
         fail("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel (as in Megatron)")
-    if ep > 1 and cfg.use_distributed_optimizer:
-        fail(
-            "--use-distributed-optimizer with --expert-model-parallel-size > 1 is not implemented yet (issue 14): "
-            "the expert parameters need their own ZeRO group"
-        )
     if ep > 1 and cfg.fp16:
         fail("expert parallelism does not support --fp16 (as in Megatron); use --bf16")

@@ -52,6 +52,15 @@ RANGES: dict[str, str] = {
     "glu_linear_offset": "any",
     "activation_func_clamp_value": "positive",
     "window_attn_skip_freq": "parsed",
+    # multi-latent attention
+    "q_lora_rank": "positive",
+    "kv_lora_rank": "positive",
+    "qk_head_dim": "positive",
+    "qk_pos_emb_head_dim": "positive",
+    "v_head_dim": "positive",
+    "rotary_scaling_factor": "positive",
+    "mscale": "any",
+    "mscale_all_dim": "any",
     # mixture of experts
     "num_experts": "positive",
     "moe_ffn_hidden_size": "positive",
@@ -126,6 +135,7 @@ RANGES: dict[str, str] = {
     "eval_iters": "nonneg",
     "tensorboard_log_interval": "positive",
     "tensorboard_queue_size": "positive",
+    "save_tokens_per_expert_interval": "positive",
     "timing_log_level": "nonneg",
     "peak_tflops": "positive",
     "exit_interval": "positive",

@@ -10,7 +10,8 @@ from megatron_lite.errors import fail
 
 DESCRIPTION = (
     "Convert between megatron-lite checkpoints and HuggingFace model directories "
-    "(GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM, MistralForCausalLM). Needs the hf extra: "
+    "(GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+    "Qwen3MoeForCausalLM, Qwen2MoeForCausalLM, DeepseekV3ForCausalLM). Needs the hf extra: "
     "pip install -e .[hf]"
 )
 

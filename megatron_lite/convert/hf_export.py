@@ -14,7 +14,7 @@ import torch
 
 from megatron_lite.config import MegatronConfig
 from megatron_lite.config.fields import flag_name
-from megatron_lite.convert import gpt2, llama, mistral, mixtral, qwen3
+from megatron_lite.convert import deepseek, gpt2, llama, mistral, mixtral, qwen2_moe, qwen3, qwen3_moe
 from megatron_lite.convert.common import TensorSource, require_hf, sliding_window
 from megatron_lite.errors import fail
 from megatron_lite.training.checkpointing import (
@@ -109,15 +109,20 @@ def _family_of(cfg: MegatronConfig) -> ModuleType:
     """The HF architecture a model's norm and position embedding pick (and, for RMSNorm with rope, its q/k
     norms or sliding window); other mixes have none."""
     _refuse_gpt_oss_switches(cfg)
+    if getattr(cfg, "multi_latent_attention", False):
+        return deepseek  # MLA, dense or MoE: DeepseekV3ForCausalLM (check_exportable says what it lacks)
     pos, norm = cfg.position_embedding_type, cfg.normalization
     if pos == "learned_absolute" and norm == "LayerNorm":
         return gpt2
     if getattr(cfg, "num_experts", None) is not None:
-        if pos == "rope" and norm == "RMSNorm" and not cfg.qk_layernorm:
-            return mixtral
+        if pos == "rope" and norm == "RMSNorm":
+            # Qwen3-MoE: q/k norms; Qwen2-MoE: a shared expert (and q/k/v biases); Mixtral: neither.
+            if cfg.qk_layernorm:
+                return qwen3_moe
+            return qwen2_moe if cfg.moe_shared_expert_intermediate_size is not None else mixtral
         fail(
-            f"cannot export this MoE model: {mixtral.HF_ARCHITECTURE}, the HF MoE architecture exported here, "
-            "is RMSNorm with rope and no --qk-layernorm"
+            f"cannot export this MoE model: {mixtral.HF_ARCHITECTURE}, {qwen3_moe.HF_ARCHITECTURE} and "
+            f"{qwen2_moe.HF_ARCHITECTURE}, the HF MoE architectures exported here, are RMSNorm with rope"
         )
     if pos == "rope" and norm == "RMSNorm":
         if cfg.qk_layernorm:

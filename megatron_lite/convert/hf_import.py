@@ -16,14 +16,18 @@ import yaml
 
 from megatron_lite.arguments.render import as_flags
 from megatron_lite.config import MegatronConfig
-from megatron_lite.convert import gpt2, llama, mistral, mixtral, qwen3
+from megatron_lite.convert import deepseek, gpt2, llama, mistral, mixtral, qwen2_moe, qwen3, qwen3_moe
 from megatron_lite.convert.common import TensorSource, require_hf
 from megatron_lite.convert.hf_export import TOKENIZER_CONFIG_KEY
 from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
+from megatron_lite.readers import read_json
 from megatron_lite.training.checkpointing import VOCAB_PARAM_SUFFIXES, read_latest_iteration, save_checkpoint
 
-FAMILIES = {family.MODEL_TYPE: family for family in (gpt2, llama, qwen3, mistral, mixtral)}
+FAMILIES = {
+    family.MODEL_TYPE: family
+    for family in (gpt2, llama, qwen3, mistral, mixtral, qwen3_moe, qwen2_moe, deepseek)
+}
 # Written next to the checkpoint: the model settings every run that loads it must use (--yaml-cfg).
 ARGS_FILENAME = "imported_model.yaml"
 MODEL_FIELDS = (
@@ -55,6 +59,37 @@ MODEL_FIELDS = (
     "hidden_dropout",
     "vocab_size",
     "tokenizer_type",
+)
+# The MoE settings an imported MoE model needs (Mixtral, Qwen3-MoE, Qwen2-MoE), after MODEL_FIELDS.
+MOE_MODEL_FIELDS = (
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "moe_layer_freq",
+    "moe_router_topk",
+    "moe_router_pre_softmax",
+    "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff",
+    "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate",
+    "moe_router_score_function",
+    "moe_router_enable_expert_bias",
+    "moe_router_dtype",
+    "moe_router_topk_scaling_factor",
+    "moe_router_num_groups",
+    "moe_router_group_topk",
+)
+# The multi-latent attention settings of an imported DeepSeek-V3 model.
+MLA_MODEL_FIELDS = (
+    "multi_latent_attention",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_head_dim",
+    "qk_pos_emb_head_dim",
+    "v_head_dim",
+    "rope_type",
+    "rotary_scaling_factor",
+    "mscale",
+    "mscale_all_dim",
 )
 # Training settings MegatronConfig requires; the run that loads the checkpoint gives its own.
 _PLACEHOLDERS = {"micro_batch_size": 1, "train_iters": 0, "lr": 0.0, "mock_data": True, "no_save_rng": True}
@@ -94,7 +129,8 @@ def import_from_hf(
     src = TensorSource(
         family.strip_prefixes(_read_hf_weights(hf_dir, safetensors_torch)), f"--hf-dir {hf_dir}"
     )
-    tensors = family.weights_from_hf(src, cfg)
+    options = getattr(family, "weight_options", lambda _: {})(hf_config)  # e.g. DeepSeek's rope layout
+    tensors = family.weights_from_hf(src, cfg, **options)
     _check_all_used(src)
     model = _build_model(cfg, tensors)
     save_checkpoint(save_dir, 0, model, None, None, cfg, ParallelState(), consumed_train_samples=0)
@@ -106,7 +142,8 @@ def import_from_hf(
 def model_settings(cfg: MegatronConfig) -> dict[str, Any]:
     """The model settings of cfg that a run loading its checkpoint needs, leaving out the irrelevant ones."""
     settings = {}
-    for name in MODEL_FIELDS:
+    names = MODEL_FIELDS + (MOE_MODEL_FIELDS if cfg.num_experts is not None else ())
+    for name in names + (MLA_MODEL_FIELDS if cfg.multi_latent_attention else ()):
         value = getattr(cfg, name)
         if value is None or (name == "num_query_groups" and not cfg.group_query_attention):
             continue
@@ -116,6 +153,8 @@ def model_settings(cfg: MegatronConfig) -> dict[str, Any]:
             continue
         if name == "window_size":
             value = ",".join(map(str, value))  # Megatron's tuple_type spelling, for YAML and flags alike
+        if name == "moe_layer_freq" and isinstance(value, list):
+            value = 1 if all(value) else "[" + ",".join(map(str, value)) + "]"  # Megatron's list form
         settings[name] = value
     return settings
 
@@ -129,10 +168,7 @@ def _family_of(hf_dir: Path) -> ModuleType:
     path = hf_dir / "config.json"
     if not path.is_file():
         fail(f"--hf-dir {hf_dir}: no config.json; give a directory written by save_pretrained")
-    try:
-        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        fail(f"{path} is not a JSON object; give a directory written by save_pretrained")
+    model_type = read_json(path, "give a directory written by save_pretrained").get("model_type")
     if model_type not in FAMILIES:
         supported = ", ".join(f"{f.HF_ARCHITECTURE} ({t})" for t, f in FAMILIES.items())
         fail(f"{path}: model_type {model_type!r} is not supported; megatron-lite imports {supported}")
@@ -268,6 +304,9 @@ def _build_model(cfg: MegatronConfig, tensors: dict[str, torch.Tensor]) -> torch
                 )
             param[:rows].copy_(value)
             param[rows:].zero_()
+        for name, buffer in model.named_buffers():
+            if name in tensors:  # persistent state such as the router's expert_bias
+                buffer.copy_(tensors.pop(name))
     if tensors:
         raise RuntimeError(f"converted tensors the model does not have: {sorted(tensors)}")
     return model

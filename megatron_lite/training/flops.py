@@ -19,16 +19,39 @@ def num_floating_point_operations(cfg: MegatronConfig, batch_size: int) -> float
     + (ffn/h)·(1.5 with SwiGLU) + V/(2·L·h)], where 12 = 2 FLOPs per multiply-add x 3 for
     forward + backward (backward costs two matmuls per forward one), V is the padded vocabulary
     and g the number of query groups. The s/h term counts the full (unmasked) s x s attention
-    matrix, as Megatron does; norms, softmax and elementwise ops are not counted.
+    matrix, as Megatron does; norms, softmax and elementwise ops are not counted. With
+    --multi-latent-attention the attention term is Megatron's MLA branch (mla_flops_per_token_and_layer).
     """
     _need_finalized(cfg)
     s, layers, h = cfg.seq_length, cfg.num_layers, cfg.hidden_size
     a, g = cfg.num_attention_heads, cfg.num_query_groups
-    query_ratio = a * cfg.kv_channels / h
-    attention = (1 + g / a + s / h) * query_ratio
+    if getattr(cfg, "multi_latent_attention", False):
+        attention = mla_flops_per_token_and_layer(cfg) / (12.0 * h * h)
+    else:
+        query_ratio = a * cfg.kv_channels / h
+        attention = (1 + g / a + s / h) * query_ratio
     mlp = (_mlp_width(cfg) / h) * (1.5 if cfg.swiglu else 1.0)
     logits = cfg.padded_vocab_size / (2 * layers * h)
     return 12.0 * batch_size * s * layers * h * h * (attention + mlp + logits)
+
+
+def mla_flops_per_token_and_layer(cfg: MegatronConfig) -> float:
+    """Multi-latent attention's forward + backward FLOPs per token and layer, Megatron's MLA branch
+    (training.py): 6·[q_term + kv_lora·(h + a·(qk + v) + 1) + h·pos + a·v·h] for the projections (the +1s
+    are its norms) plus 6·s·a·(qk + pos + v)/2 for the core attention (causal: half the s x s scores, as
+    Megatron counts MLA). q_term is h·a·(qk + pos) without --q-lora-rank, else q_lora·(h + a·(qk + pos) + 1)."""
+    h, a, s = cfg.hidden_size, cfg.num_attention_heads, cfg.seq_length
+    q_head = cfg.qk_head_dim + cfg.qk_pos_emb_head_dim
+    if cfg.q_lora_rank is None:
+        q_term = h * a * q_head
+    else:
+        q_term = cfg.q_lora_rank * (h + a * q_head + 1)
+    kv_term = (
+        cfg.kv_lora_rank * (h + a * (cfg.qk_head_dim + cfg.v_head_dim) + 1) + h * cfg.qk_pos_emb_head_dim
+    )
+    projections = 6.0 * (q_term + kv_term + a * cfg.v_head_dim * h)
+    core = 6.0 * s * (a * q_head / 2 + a * cfg.v_head_dim / 2)
+    return projections + core
 
 
 def _mlp_width(cfg: MegatronConfig) -> float:

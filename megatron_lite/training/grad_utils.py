@@ -22,9 +22,13 @@ def _is_not_shared(param: torch.nn.Parameter) -> bool:
 
 
 def _norm_squared(
-    sharded: list[torch.Tensor], replicated: list[torch.Tensor], pstate: ParallelState
+    sharded: list[torch.Tensor],
+    replicated: list[torch.Tensor],
+    pstate: ParallelState,
+    experts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Squared L2 norm over TP-sharded tensors (summed over the TP group) and replicated ones (counted once)."""
+    """Squared L2 norm over TP-sharded tensors (summed over the TP group) and replicated ones (counted once),
+    plus the routed experts' squares (already summed over their group), summed over pipeline stages."""
     device = next((t.device for t in sharded + replicated), pstate.device)
     totals = []
     for tensors in (sharded, replicated):
@@ -37,6 +41,9 @@ def _norm_squared(
     if pstate.tp_size > 1:
         dist.all_reduce(sharded_sq, group=pstate.tp_group)
     total = sharded_sq + replicated_sq
+    if experts is not None:
+        # Added before the stages' sum: a stage without MoE layers joins the same one collective.
+        total = total + experts
     if pstate.pp_size > 1:
         # Each stage holds different layers: their squares add up.
         dist.all_reduce(total, group=pstate.pp_group)
@@ -60,7 +67,8 @@ def grad_norm_squared(
         [p.grad for p in params if _is_tp_sharded(p)],
         [p.grad for p in params if not _is_tp_sharded(p)],
         pstate,
-    ) + _expert_norm_squared(experts, [p.grad for p in experts], pstate)
+        _expert_norm_squared(experts, [p.grad for p in experts], pstate),
+    )
 
 
 def _is_expert(param: torch.nn.Parameter) -> bool:
@@ -71,15 +79,13 @@ def _expert_norm_squared(
     params: list[torch.nn.Parameter], tensors: list[torch.Tensor], pstate: ParallelState
 ) -> torch.Tensor:
     """Routed experts (MoE): each slice of each expert lives on one rank of the expert-TP x EP group, so
-    their squares are summed over that group (and over pipeline stages)."""
+    their squares are summed over that group (the pipeline stages' sum follows in _norm_squared)."""
     if not params:
         return torch.zeros((), dtype=torch.float32, device=pstate.device)
     group = getattr(params[0], "expert_norm_group", None)
     total = torch.stack(torch._foreach_norm([t.float() for t in tensors])).square().sum()
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(total, group=group)
-    if getattr(pstate, "pp_size", 1) > 1:
-        dist.all_reduce(total, group=pstate.pp_group)
     return total
 
 
@@ -157,7 +163,8 @@ def params_norm(parameters: Iterable[torch.nn.Parameter], pstate: ParallelState 
         [p.detach() for p in params if _is_tp_sharded(p)],
         [p.detach() for p in params if not _is_tp_sharded(p)],
         pstate,
-    ) + _expert_norm_squared(experts, [p.detach() for p in experts], pstate)
+        _expert_norm_squared(experts, [p.detach() for p in experts], pstate),
+    )
     return math.sqrt(squared.item())
 
 

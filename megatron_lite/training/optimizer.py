@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from megatron_lite.config import MegatronConfig
 from megatron_lite.parallel_state import ParallelState
+from megatron_lite.training.expert_optimizer import build_expert_parallel_optimizer, is_expert_parameter
 
 # torch's fused AdamW kernels exist for these device types; elsewhere torch picks foreach/for-loop itself.
 _FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")
@@ -118,13 +119,32 @@ def build_optimizer(
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         zero_class = overlapped_gather_class() if cfg.overlap_param_gather else ZeroRedundancyOptimizer
-        optimizer = zero_class(
-            groups, optimizer_class=optimizer_class, process_group=pstate.grad_group, **kwargs
-        )
-        if cfg.overlap_param_gather:
-            optimizer.install_forward_pre_hooks(unwrap_model(model))
-        return optimizer
+
+        def make(groups: list[dict[str, Any]], group: Any) -> torch.optim.Optimizer:
+            if group is None:
+                return optimizer_class(groups, **kwargs)
+            optimizer = zero_class(groups, optimizer_class=optimizer_class, process_group=group, **kwargs)
+            if cfg.overlap_param_gather:
+                optimizer.install_forward_pre_hooks(unwrap_model(model))
+            return optimizer
+
+        experts = expert_parallel_state(model)
+        if experts is not None and any(is_expert_parameter(p) for g in groups for p in g["params"]):
+            # Megatron: routed experts are sharded over their own expert-data-parallel group.
+            return build_expert_parallel_optimizer(
+                groups, make, pstate.grad_group, experts.edp_group, experts.edp_size
+            )
+        return make(groups, pstate.grad_group)
     return optimizer_class(groups, **kwargs)
+
+
+def expert_parallel_state(model: torch.nn.Module) -> Any:
+    """The expert groups (ExpertParallelState) the model's MoE layers were built with, else None."""
+    for module in unwrap_model(model).modules():
+        state = getattr(module, "expert_parallel", None)
+        if state is not None:
+            return state
+    return None
 
 
 def finish_param_sync(optimizer: torch.optim.Optimizer) -> None:

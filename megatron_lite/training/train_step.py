@@ -85,7 +85,7 @@ class TrainerStep:
             # The aux losses' gradient factor: the lm loss's per micro batch (the same for all of them).
             # Megatron: loss scale / micro batches; with --calculate-per-token-loss the global-token factor.
             factor = float(weights[0]) if cfg.calculate_per_token_loss else 1.0 / n
-            self.moe.before_backward(factor * self.scaler.scale)
+            self.moe.before_backward(factor * self.scaler.scale, self.iteration + 1)
         if self.pipeline is not None:
             scaled = [weights[i] * self.scaler.scale for i in range(n)]
             loss_sum = self.pipeline.forward_backward(batches, self._loss_func, scaled, self._autocast)
@@ -135,6 +135,6 @@ class TrainerStep:
             self.scheduler.step(n * cfg.micro_batch_size * self.pstate.dp_size)
         self.scaler.update(found_inf=skipped)
         if self.moe is not None:
-            self.moe_losses = self.moe.after_step(n)
+            self.moe_losses = self.moe.after_step(n, self.logger.writers)
         timers("optimizer").stop()
         return lm_loss, grad_norm, skipped

@@ -254,14 +254,14 @@ def test_megatron_checkpoints_we_cannot_read_are_one_line(megatron_ckpt, tmp_pat
     style, tmp = megatron_ckpt
     if style != "gpt2":
         pytest.skip("one style is enough for the refusals")
-    mla = tmp_path / "mla"
-    shutil.copytree(tmp / "ckpt", mla)
-    _rewrite_args(mla / "iter_0000007", multi_latent_attention=True)
+    mtp = tmp_path / "mtp"
+    shutil.copytree(tmp / "ckpt", mtp)
+    _rewrite_args(mtp / "iter_0000007", mtp_num_layers=1)
     with pytest.raises(UserError) as caught:
-        load_saved_config(mla)
+        load_saved_config(mtp)
     assert str(caught.value) == (
-        f"checkpoint {mla / 'iter_0000007'} was trained with --multi-latent-attention True: megatron-lite "
-        "cannot build multi-latent attention (MLA)"
+        f"checkpoint {mtp / 'iter_0000007'} was trained with --mtp-num-layers 1: megatron-lite "
+        "cannot build multi-token prediction layers"
     )
     legacy = tmp_path / "legacy"
     (legacy / "iter_0000007" / "mp_rank_00").mkdir(parents=True)

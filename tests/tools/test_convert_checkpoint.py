@@ -434,7 +434,8 @@ IMPORT_REFUSALS = {
         lambda: transformers.Qwen2Config(hidden_size=16, num_attention_heads=2, num_key_value_heads=2),
         "{dir}/config.json: model_type 'qwen2' is not supported; megatron-lite imports GPT2LMHeadModel "
         "(gpt2), LlamaForCausalLM (llama), Qwen3ForCausalLM (qwen3), MistralForCausalLM (mistral), "
-        "MixtralForCausalLM (mixtral)",
+        "MixtralForCausalLM (mixtral), Qwen3MoeForCausalLM (qwen3_moe), Qwen2MoeForCausalLM (qwen2_moe), "
+        "DeepseekV3ForCausalLM (deepseek_v3)",
     ),
 }
 

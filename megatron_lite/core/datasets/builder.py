@@ -44,8 +44,11 @@ def parse_blend(values: Sequence[str], flag: str) -> Blend:
         except ValueError:
             weights = None
         if weights is not None:
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
-                fail(f"{flag}: weights must be non-negative and not all zero, got {' '.join(values[0::2])}")
+            # nan and inf parse as floats, and would reach the sample counts as NaN (issue 16).
+            if any(not math.isfinite(w) or w < 0 for w in weights) or not 0 < sum(weights) < math.inf:
+                fail(
+                    f"{flag}: weights must be finite, non-negative and not all zero, got {' '.join(values[0::2])}"
+                )
             return list(zip(values[1::2], weights))
     for v in values:
         try:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
@@ -51,6 +53,37 @@ def os_error_text(err: BaseException) -> str | None:
                 return os.strerror(exc.errno) if exc.errno else str(exc)
             exc = exc.__cause__ or exc.__context__
     return None
+
+
+# What torch.load and DCP raise for a data file whose bytes are not what its index says.
+_DAMAGE_ERRORS = (
+    EOFError,
+    ValueError,
+    RuntimeError,
+    KeyError,
+    IndexError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+)
+
+
+def raise_read_failure(err: BaseException, ckpt: Path) -> NoReturn:
+    """Re-raise a failed DCP read as one line: a reader's UserError as it is, an OS error or damaged data
+    naming the checkpoint; anything else (a bug) unchanged."""
+    wrapped = [w[0] for w in err.failures.values()] if isinstance(err, CheckpointException) else []
+    for exc in [err, *wrapped]:
+        if isinstance(exc, UserError):
+            raise exc
+    os_text = os_error_text(err)
+    if os_text is not None:
+        raise UserError(f"cannot read checkpoint {ckpt}: {os_text}") from err
+    for exc in [err, *wrapped]:
+        if isinstance(exc, _DAMAGE_ERRORS):
+            raise UserError(
+                f"cannot read checkpoint {ckpt}: a data file does not match its .metadata "
+                f"({type(exc).__name__}); restore the checkpoint from a copy or load another iteration"
+            ) from err
+    raise err
 
 
 class SaveStep:

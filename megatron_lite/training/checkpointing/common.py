@@ -11,7 +11,9 @@ from typing import Any
 from megatron_lite.config import MegatronConfig
 from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
-from megatron_lite.training.checkpointing.chunks import load_pickled
+from megatron_lite.readers import load_torch_file
+from megatron_lite.readers.checkpoint import read_backend_metadata
+from megatron_lite.training.checkpointing.chunks import safe_globals
 from megatron_lite.training.checkpointing.megatron_common import config_of, is_megatron_layout
 from megatron_lite.training.checkpointing.names import (
     COMMON_FILENAME,
@@ -90,10 +92,13 @@ def read_common(ckpt: Path) -> dict[str, Any]:
                 "--ckpt-format torch --ckpt-convert-format torch_dist --ckpt-convert-save DIR"
             )
         fail(f"{ckpt} is not a torch_dist checkpoint: {COMMON_FILENAME} is missing")
-    try:
-        common = load_pickled(path.read_bytes())
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
-        fail(f"cannot read {path} ({type(err).__name__}); it was not written by megatron-lite or is damaged")
+    read_backend_metadata(ckpt)
+    common = load_torch_file(
+        path,
+        "a checkpoint's common state",
+        "it was not written by megatron-lite or is damaged: restore it from a copy or load another iteration",
+        safe_globals(),
+    )
     if not isinstance(common, dict):
         fail(f"{path} holds a {type(common).__name__}, not a checkpoint's common state")
     version = common.get("checkpoint_version")

@@ -14,8 +14,9 @@ from megatron_lite.config import MegatronConfig
 from megatron_lite.config.fields import flag_name
 from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
+from megatron_lite.readers.checkpoint import SafeFileSystemReader
 from megatron_lite.training.checkpointing import keys
-from megatron_lite.training.checkpointing.collectives import os_error_text, quiet_single_process
+from megatron_lite.training.checkpointing.collectives import quiet_single_process, raise_read_failure
 from megatron_lite.training.checkpointing.common import read_common, saved_config
 from megatron_lite.training.checkpointing.layout import Layout, logical_full
 from megatron_lite.training.checkpointing.megatron_common import is_megatron_layout
@@ -167,12 +168,9 @@ def read_full_tensors(
 def read_shards(targets: dict[str, Any], ckpt: Path, pstate: ParallelState) -> None:
     try:
         with quiet_single_process():
-            dcp.load(targets, storage_reader=dcp.FileSystemReader(ckpt), no_dist=pstate.world_size == 1)
+            dcp.load(targets, storage_reader=SafeFileSystemReader(ckpt), no_dist=pstate.world_size == 1)
     except (Exception, CheckpointException) as err:
-        os_text = os_error_text(err)
-        if os_text is None:
-            raise
-        fail(f"cannot read checkpoint {ckpt}: {os_text}")
+        raise_read_failure(err, ckpt)
 
 
 # Model-shape settings: a checkpoint only loads into a model that agrees on all of them. The derived

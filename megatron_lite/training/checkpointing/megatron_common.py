@@ -26,7 +26,6 @@ CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix
 # Model features of Megatron's that megatron-lite cannot build (dest -> what it is). A checkpoint whose
 # args set one is refused by name instead of failing on a missing tensor.
 UNSUPPORTED_MODEL_FEATURES = {
-    "multi_latent_attention": "multi-latent attention (MLA)",
     "num_experts": "mixture-of-experts layers (expert axes in the checkpoint are not read yet)",
     "mtp_num_layers": "multi-token prediction layers",
     "apply_residual_connection_post_layernorm": "residual connections after the layer norm",

@@ -23,11 +23,26 @@ TE_NORM_NAMES = {
     "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
 }
+# Multi-latent attention's, as megatron-core's Transformer Engine MLA spec stores them (the layout of
+# Megatron-LM's DeepSeek checkpoints): input_layernorm stays a norm of its own (the two down projections
+# share its output), the latent norms fuse into the up projections. Its local spec keeps all the local names.
+MLA_TE_NORM_NAMES = {
+    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+# A layer (and so a model) with this parameter is an MLA one.
+MLA_MARKER = "self_attention.linear_kv_down_proj.weight"
 # The layer modules whose `_extra_state` megatron-core saves as ShardedObjects (None for the local spec,
 # FP8 metadata for Transformer Engine's): our checkpoints write them so Megatron's strict load finds them.
 EXTRA_STATE_MODULES = (
     "self_attention.linear_proj",
     "self_attention.linear_qkv",
+    "self_attention.linear_q_proj",
+    "self_attention.linear_q_down_proj",
+    "self_attention.linear_q_up_proj",
+    "self_attention.linear_kv_down_proj",
+    "self_attention.linear_kv_up_proj",
     "mlp.linear_fc1",
     "mlp.linear_fc2",
 )
@@ -43,25 +58,31 @@ class Place:
     layer: int | None
 
 
-def place_of(name: str, layer_offset: int = 0) -> Place:
-    """The stored key of our parameter `name`; layer_offset is this pipeline stage's first global layer."""
+def is_mla(names) -> bool:
+    """Whether parameter names (ours, or stored keys) are those of a multi-latent attention model."""
+    return any(name.endswith(MLA_MARKER) for name in names)
+
+
+def place_of(name: str, layer_offset: int = 0, mla: bool = False) -> Place:
+    """The stored key of our parameter `name`; layer_offset is this pipeline stage's first global layer;
+    mla: the model's attention is multi-latent (its norms are stored under other names)."""
     match = _LAYER_NAME.match(name)
     if match is None:
         return Place(name, None)
     rest = match.group(2)
-    for ours, theirs in TE_NORM_NAMES.items():
+    for ours, theirs in (MLA_TE_NORM_NAMES if mla else TE_NORM_NAMES).items():
         if rest.startswith(ours):
             rest = theirs + rest[len(ours) :]
             break
     return Place(LAYERS + rest, int(match.group(1)) + layer_offset)
 
 
-def name_of(key: str, layer: int | None) -> str:
+def name_of(key: str, layer: int | None, mla: bool = False) -> str:
     """Inverse of place_of: our parameter name of stored key `key` at `layer`."""
     if layer is None:
         return key
     rest = key[len(LAYERS) :]
-    for ours, theirs in TE_NORM_NAMES.items():
+    for ours, theirs in (MLA_TE_NORM_NAMES if mla else TE_NORM_NAMES).items():
         if rest.startswith(theirs):
             rest = ours + rest[len(theirs) :]
             break

@@ -15,9 +15,10 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from megatron_lite.config import MegatronConfig
 from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
+from megatron_lite.readers.checkpoint import SafeFileSystemReader, read_dcp_metadata
 from megatron_lite.training.checkpointing import megatron_common as mc
 from megatron_lite.training.checkpointing.chunks import ChunkLoadPlanner, ObjectSlot
-from megatron_lite.training.checkpointing.collectives import os_error_text, quiet_single_process
+from megatron_lite.training.checkpointing.collectives import quiet_single_process, raise_read_failure
 from megatron_lite.training.checkpointing.megatron_keys import rng_state_key
 from megatron_lite.training.checkpointing.megatron_state import (
     full_model_tensors,
@@ -25,18 +26,13 @@ from megatron_lite.training.checkpointing.megatron_state import (
     model_load_targets,
     optimizer_load_targets,
 )
-from megatron_lite.training.checkpointing.rng import restore_rng
+from megatron_lite.training.checkpointing.rng import RNG_STATE_ERRORS, restore_rng
 from megatron_lite.training.optimizer import unwrap_model
 from megatron_lite.training.state import TrainProgress
 
 
 def read_metadata(ckpt: Path) -> Metadata:
-    try:
-        return dcp.FileSystemReader(ckpt).read_metadata()
-    except FileNotFoundError:
-        fail(f"checkpoint {ckpt} has no .metadata: it is not a torch_dist checkpoint, or it is incomplete")
-    except Exception as err:  # noqa: BLE001 - an unreadable index is one user-facing problem
-        fail(f"cannot read {ckpt / '.metadata'} ({type(err).__name__}); the checkpoint is damaged")
+    return read_dcp_metadata(ckpt)
 
 
 def read_dcp(targets: dict[str, Any], ckpt: Path, pstate: ParallelState) -> None:
@@ -45,15 +41,12 @@ def read_dcp(targets: dict[str, Any], ckpt: Path, pstate: ParallelState) -> None
         with quiet_single_process():
             dcp.load(
                 targets,
-                storage_reader=dcp.FileSystemReader(ckpt),
+                storage_reader=SafeFileSystemReader(ckpt),
                 planner=ChunkLoadPlanner(),
                 no_dist=pstate.world_size == 1,
             )
     except (Exception, CheckpointException) as err:
-        os_text = os_error_text(err)
-        if os_text is None:
-            raise
-        fail(f"cannot read checkpoint {ckpt}: {os_text}")
+        raise_read_failure(err, ckpt)
 
 
 def load_weights(module: torch.nn.Module, cfg_layers: int, ckpt: Path, pstate: ParallelState) -> None:
@@ -126,7 +119,12 @@ def load_training_state(
         if ours is not None:
             restore_rng(ckpt, ours, cfg, pstate, iteration)
         elif megatron_rng:
-            _set_megatron_rng(rng_slot.value, pstate)
+            try:
+                _set_megatron_rng(rng_slot.value, pstate)
+            except RNG_STATE_ERRORS as err:
+                fail(
+                    f"checkpoint {ckpt}: its {rng_key} is not an RNG state ({type(err).__name__}); pass --no-load-rng"
+                )
         else:
             restore_rng(ckpt, {"layout": {"tensor_model_parallel_size": -1}}, cfg, pstate, iteration)
     if cfg.finetune or release:

@@ -26,6 +26,7 @@ from megatron_lite.training.checkpointing.megatron_keys import (
     add_pieces,
     extra_state_key,
     global_shape,
+    is_mla,
     name_of,
     optimizer_key,
     place_of,
@@ -41,8 +42,8 @@ def global_layer_numbers(module: torch.nn.Module) -> dict[int, int]:
     return {i: int(getattr(layer, "layer_number", i)) for i, layer in enumerate(layers)}
 
 
-def _place(name: str, numbers: dict[int, int]) -> Place:
-    place = place_of(name)
+def _place(name: str, numbers: dict[int, int], mla: bool = False) -> Place:
+    place = place_of(name, mla=mla)
     if place.layer is None:
         return place
     return Place(place.key, numbers.get(place.layer, place.layer))
@@ -57,8 +58,9 @@ def _stacked(
     """Chunks keyed by stored key from (our name, tensor, its parameter) triples, and which triples each holds."""
     stored: dict[str, Chunks] = {}
     members: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+    mla = is_mla(name for name, _, _ in items)
     for name, tensor, param in items:
-        place = _place(name, numbers)
+        place = _place(name, numbers, mla)
         chunks = stored.get(place.key)
         if chunks is None:
             chunks = stored[place.key] = Chunks(global_shape(tensor, param, pstate, place, num_layers))
@@ -218,10 +220,11 @@ def optimizer_load_targets(
     targets: dict[str, Any] = {}
     finishers: list[Finisher] = []
     problems: list[str] = []
+    mla = is_mla(names.values())
     for state_name in state_names:
         triples = []
         for param in owned:
-            key = optimizer_key(state_name, _place(names[id(param)], numbers).key)
+            key = optimizer_key(state_name, _place(names[id(param)], numbers, mla).key)
             saved = metadata.state_dict_metadata.get(key)
             dtype = saved.properties.dtype if isinstance(saved, TensorStorageMetadata) else param.dtype
             buffer = torch.zeros_like(param, dtype=dtype)
@@ -271,10 +274,15 @@ def full_model_tensors(metadata: Metadata, read: Callable[[dict[str, Any]], None
     }
     read(buffers)
     full: dict[str, torch.Tensor] = {}
+    mla = is_mla(buffers)
     for key, tensor in buffers.items():
         if key.startswith(LAYERS):
-            for layer in range(tensor.shape[0]):
-                full[name_of(key, layer)] = tensor[layer]
+            # Only the layers that hold the tensor wrote it (a dense layer has no router): the others' rows
+            # of the layer axis were never written.
+            chunks = metadata.state_dict_metadata[key].chunks
+            written = {c.offsets[0] + i for c in chunks for i in range(c.sizes[0])}
+            for layer in sorted(written):
+                full[name_of(key, layer, mla)] = tensor[layer]
         else:
             full[key] = tensor
     return full

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from megatron_lite.errors import fail
+from megatron_lite.readers.checkpoint import read_tracker
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 COMMON_FILENAME = "common.pt"
@@ -29,19 +30,7 @@ def rng_file_name(rank: int) -> str:
 
 def read_latest_iteration(ckpt_dir: str | os.PathLike) -> int | None:
     """The iteration the latest pointer names, or None when the directory holds no whole checkpoint."""
-    path = Path(ckpt_dir) / TRACKER_FILENAME
-    try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        fail(f"cannot read {path}: {err.strerror}")
-    if text == "release":
-        return 0
-    try:
-        return int(text)
-    except ValueError:
-        fail(f"{path} holds {text!r}, not an iteration number; fix it or delete it")
+    return read_tracker(Path(ckpt_dir) / TRACKER_FILENAME)
 
 
 def saved_iterations(ckpt_dir: Path) -> list[int]:

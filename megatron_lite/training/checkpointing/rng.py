@@ -11,8 +11,13 @@ import torch
 
 from megatron_lite.config import MegatronConfig
 from megatron_lite.core.tensor_parallel import get_rng_tracker, model_parallel_manual_seed
+from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
+from megatron_lite.readers import load_torch_file
 from megatron_lite.training.checkpointing.names import rng_file_name
+
+# What restoring a damaged RNG state raises: wrong keys, types, lengths or out-of-range numbers.
+RNG_STATE_ERRORS = (LookupError, TypeError, ValueError, ArithmeticError, RuntimeError, AttributeError)
 
 
 def capture_rng(pstate: ParallelState) -> dict[str, Any]:
@@ -72,7 +77,13 @@ def restore_rng(
         rank = pstate.tp_rank + pstate.tp_size * (
             pstate.cp_rank + pstate.cp_size * (pstate.dp_rank + saved["data_parallel_size"] * pstate.pp_rank)
         )
-        set_rng(torch.load(ckpt / rng_file_name(rank), map_location="cpu", weights_only=True))
+        path = ckpt / rng_file_name(rank)
+        fix = "restore it from a copy, or pass --no-load-rng to start fresh random streams"
+        state = load_torch_file(path, "an RNG state", fix)
+        try:
+            set_rng(state)
+        except RNG_STATE_ERRORS as err:
+            fail(f"{path}: not an RNG state this project saved ({type(err).__name__}); {fix}")
         return
     # Pipeline stages draw from their own seeds (seed + 100 x PP rank), as at the start of a run.
     seed = reseed_value(cfg.seed + 100 * pstate.pp_rank, iteration, pstate.dp_rank)

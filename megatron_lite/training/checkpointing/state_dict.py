@@ -19,6 +19,7 @@ from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training.checkpointing import keys
 from megatron_lite.training.checkpointing.chunks import ChunkSavePlanner
 from megatron_lite.training.checkpointing.layout import Layout, layout_of, load_target, to_stored
+from megatron_lite.training.expert_optimizer import ExpertParallelOptimizer
 
 
 def model_shards(
@@ -35,7 +36,10 @@ def model_shards(
 
 
 def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer that holds this rank's state: under ZeRO, the one over this DP rank's share."""
+    """The optimizer that holds this rank's state: under ZeRO, the one over this DP rank's share; for a
+    MoE model's two sharded optimizers, a view of both local ones."""
+    if isinstance(optimizer, ExpertParallelOptimizer):
+        return optimizer.local_view()
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         return optimizer.optim
     return optimizer

@@ -16,6 +16,7 @@ from typing import Any
 
 from megatron_lite.errors import fail
 from megatron_lite.parallel_state import ParallelState
+from megatron_lite.readers import is_plain_name
 from megatron_lite.training.checkpointing.collectives import all_gather_objects
 from megatron_lite.training.checkpointing.names import (
     CHECKSUMS_FILENAME,
@@ -75,8 +76,7 @@ def verify_checkpoint(ckpt: str | os.PathLike, pstate: ParallelState | None = No
 def _manifest_entry_problem(manifest_path: Path, name: Any, expected: Any) -> str | None:
     """A manifest entry must name a plain file of this directory and give its size and CRC-32 as integers:
     a name such as ../../etc/hostname would make the loader look outside the checkpoint."""
-    plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-    if not plain:
+    if not is_plain_name(name):
         return f"{manifest_path} names {name!r}, which is not a file name inside the checkpoint"
     fields = ("size", "crc32")
     if not isinstance(expected, dict) or not all(type(expected.get(f)) is int for f in fields):

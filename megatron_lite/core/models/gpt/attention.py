@@ -13,6 +13,7 @@ from torch import nn
 from megatron_lite.config import MegatronConfig
 from megatron_lite.config.model import is_layer_window_attention
 from megatron_lite.core.context_parallel.attention import context_parallel_attention
+from megatron_lite.core.models.gpt.attention_kernels import BLOCKED_MAX_SEQ, blocked_causal_attention
 from megatron_lite.core.models.gpt.kv_cache import KVCache
 from megatron_lite.core.models.gpt.norms import build_norm
 from megatron_lite.core.models.gpt.rope import apply_rotary_pos_emb
@@ -30,9 +31,14 @@ from megatron_lite.core.tensor_parallel.utils import init_sharded_weight, set_te
 class DotProductAttention(nn.Module):
     """softmax(q k^T / sqrt(d) + mask) v for this rank's heads, with dropout on the probabilities.
 
-    Without active dropout this is F.scaled_dot_product_attention. With it, the probabilities are
-    formed explicitly so the dropout runs through the tracker's model-parallel stream (each TP rank
-    holds different heads and must draw different masks) and is replayed exactly by recompute.
+    Without active dropout this is F.scaled_dot_product_attention, except for bf16 on a CPU under
+    torch.compile (--compile --bf16): there causal (and sliding-window) self-attention runs
+    attention_kernels' blocked kernel, whose element-wise ops inductor fuses; it skips the masked key
+    blocks and measured about 1.9x SDPA's CPU flash kernel at seq 256 (benchmarks/bench_attention.py).
+    Eager, in fp32 or at longer sequences, SDPA's kernel is the faster one. With dropout the
+    probabilities are formed explicitly so the dropout runs through the tracker's model-parallel stream
+    (each TP rank holds different heads and must draw different masks) and is replayed exactly by
+    recompute.
 
     window_left (--window-size left,0): sliding-window attention, each query sees itself and the
     window_left positions before it; None attends to every earlier position.
@@ -116,11 +122,25 @@ class DotProductAttention(nn.Module):
                 keep = keep & ~attention_mask
         if explicit:
             out = self._explicit_attention(q, k, v, keep)
+        elif self._blocked(query, sq, sk, attention_mask):
+            out = blocked_causal_attention(q, k, v, self.scale, self.window_left)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=keep, is_causal=keep is None, enable_gqa=self.num_heads != self.num_groups
             )
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)  # [sq, b, heads*d]
+
+    @staticmethod
+    def _blocked(query: torch.Tensor, sq: int, sk: int, attention_mask: torch.Tensor | None) -> bool:
+        """The blocked kernel's case: bf16 self-attention of a whole sequence (no cache, no document mask)
+        of at most BLOCKED_MAX_SEQ positions on a CPU while torch.compile traces it."""
+        return (
+            query.device.type == "cpu"
+            and query.dtype == torch.bfloat16
+            and sq == sk <= BLOCKED_MAX_SEQ
+            and attention_mask is None
+            and torch.compiler.is_compiling()
+        )
 
     def _explicit_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None

@@ -86,7 +86,8 @@ class GPTModel(nn.Module):
                     rope_scaling_factor=cfg.rope_scaling_factor,
                     yarn=yarn_scaling(cfg),
                 )
-                if cfg.position_embedding_type == "rope"
+                # MLA rotates its own RoPE channels (Megatron's GPTModel builds none for it either).
+                if cfg.position_embedding_type == "rope" and not cfg.multi_latent_attention
                 else None
             )
             self.decoder = TransformerBlock(
@@ -115,6 +116,7 @@ class GPTModel(nn.Module):
         self._stock_layers = (
             type(self.embedding) is LanguageModelEmbedding
             and type(self.decoder) is TransformerBlock
+            and not cfg.multi_latent_attention
             and all(
                 type(layer) is TransformerLayer and type(layer.mlp) is MLP for layer in self.decoder.layers
             )
@@ -142,7 +144,8 @@ class GPTModel(nn.Module):
             )
         # TP steps take the general path, which uses F.linear.
         policy = "torch" if self.tp_group is not None else decode_linear
-        sample = self.decoder.layers[0].self_attention.linear_qkv.weight.detach()
+        attention = self.decoder.layers[0].self_attention
+        sample = getattr(attention, "linear_qkv", attention.linear_proj).weight.detach()
         return KVCache(cfg.num_layers, batch_size, max_seq_len, select_decode_linear(sample, policy))
 
     def forward(

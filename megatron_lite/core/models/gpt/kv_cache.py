@@ -53,9 +53,11 @@ class KVCache:
         if key.shape[1] != self.batch_size:
             raise ValueError(f"KV cache was built for batch size {self.batch_size}, got {key.shape[1]}")
         if self.keys[layer] is None:
+            # Keys and values may differ in head size (MLA's v_head_dim).
             shape = (self.max_seq_len, *key.shape[1:])
             self.keys[layer] = torch.zeros(shape, dtype=key.dtype, device=key.device)
-            self.values[layer] = torch.zeros(shape, dtype=value.dtype, device=value.device)
+            value_shape = (self.max_seq_len, *value.shape[1:])
+            self.values[layer] = torch.zeros(value_shape, dtype=value.dtype, device=value.device)
         keys, values = self.keys[layer], self.values[layer]
         keys[self.length : end] = key
         values[self.length : end] = value

@@ -10,6 +10,7 @@ from megatron_lite.config import MegatronConfig
 from megatron_lite.core.models.gpt.attention import SelfAttention
 from megatron_lite.core.models.gpt.kv_cache import KVCache
 from megatron_lite.core.models.gpt.mlp import MLP
+from megatron_lite.core.models.gpt.multi_latent_attention import MLASelfAttention
 from megatron_lite.core.models.gpt.norms import build_norm
 from megatron_lite.core.models.gpt.recompute import CheckpointWithoutOutput
 from megatron_lite.core.tensor_parallel import Dropout, checkpoint_with_rng_tracker
@@ -36,7 +37,8 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.layer_number = layer_number
         self.input_layernorm = build_norm(cfg, tp_group)
-        self.self_attention = SelfAttention(cfg, layer_number, tp_group)
+        attention_class = MLASelfAttention if cfg.multi_latent_attention else SelfAttention
+        self.self_attention = attention_class(cfg, layer_number, tp_group)
         self.pre_mlp_layernorm = build_norm(cfg, tp_group)
         if is_moe_layer(cfg, layer_number):
             # Imported here: the MoE package builds on this package's MLP and activations.

@@ -11,6 +11,7 @@ from megatron_lite.config.moe_checks import parse_moe_layer_freq
 from megatron_lite.core.transformer.moe import aux_losses
 from megatron_lite.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_updated_expert_bias
 from megatron_lite.core.transformer.moe.parallel import ExpertParallelState
+from megatron_lite.core.transformer.moe.tokens_per_expert import TokensPerExpertLogger
 
 
 def expert_parameter_names(module: nn.Module) -> list[str]:
@@ -70,10 +71,10 @@ def num_moe_layers(cfg) -> int:
     return sum(parse_moe_layer_freq(cfg.moe_layer_freq, cfg.num_layers))
 
 
-def moe_step_losses(cfg, num_microbatches: int, tp_group, dp_group) -> dict[str, torch.Tensor]:
+def moe_step_losses(cfg, num_microbatches: int, tp_group, dp_group, pp_group=None) -> dict[str, torch.Tensor]:
     """This step's tracked losses per layer [num_layers], as Megatron's track_moe_metrics computes them
-    (collective over TP and DP)."""
-    return aux_losses.report(
+    (collective over TP, DP and PP)."""
+    losses = aux_losses.report(
         aux_losses.track_names(cfg),
         cfg.num_layers,
         num_moe_layers(cfg),
@@ -81,6 +82,22 @@ def moe_step_losses(cfg, num_microbatches: int, tp_group, dp_group) -> dict[str,
         tp_group=tp_group if cfg.sequence_parallel else None,
         dp_group=dp_group,
     )
+    if pp_group is not None and losses:
+        # Each pipeline stage tracked only its own layers (the others are zero): the sum has every layer,
+        # on every stage, as Megatron reduces the tracker over the pipeline group.
+        stacked = torch.stack(list(losses.values()))
+        dist.all_reduce(stacked, group=pp_group)
+        losses = dict(zip(losses, stacked.unbind(0)))
+    return losses
+
+
+def expert_parallel_state(module: nn.Module, dp_size: int) -> ExpertParallelState:
+    """The expert groups the model was built with (any chunk's: the stages share them), or the trivial ones."""
+    for sub in module.modules():
+        state = getattr(sub, "expert_parallel", None)
+        if state is not None:
+            return state
+    return ExpertParallelState(dp_size=dp_size)
 
 
 def tokens_per_expert(module: nn.Module) -> dict[int, torch.Tensor]:
@@ -100,11 +117,13 @@ class MoETrainingHooks:
     def __init__(self, cfg, pstate, module: nn.Module) -> None:
         self.cfg = cfg
         self.module = module
-        self.ep = getattr(module, "expert_parallel", None) or ExpertParallelState(dp_size=pstate.dp_size)
+        self.ep = expert_parallel_state(module, pstate.dp_size)
         self.tp_group = pstate.tp_group if pstate.tp_size > 1 else None
         self.dp_group = pstate.dp_group if pstate.dp_size > 1 else None
+        self.pp_group = pstate.pp_group if getattr(pstate, "pp_size", 1) > 1 else None
         for router in routers(module):
             router.dp_group = self.dp_group
+        self.tokens_per_expert = TokensPerExpertLogger.build(cfg, module)  # --save-tokens-per-expert-interval
 
     @classmethod
     def build(cls, cfg, pstate, module: nn.Module) -> MoETrainingHooks | None:
@@ -122,14 +141,20 @@ class MoETrainingHooks:
 
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(ddp_module, names)
 
-    def before_backward(self, loss_factor: float) -> None:
+    def before_backward(self, loss_factor: float, iteration: int | None = None) -> None:
+        """Before the step's micro batches; `iteration` is the step's number (1-based)."""
         set_aux_loss_scale(loss_factor)
+        if self.tokens_per_expert is not None and iteration is not None:
+            self.tokens_per_expert.start(iteration)
 
     def after_backward(self) -> None:
         reduce_expert_gradients(self.module, self.ep)
         update_expert_bias(self.module, self.cfg, self.tp_group, self.dp_group)
 
-    def after_step(self, num_microbatches: int) -> dict[str, torch.Tensor]:
-        """This step's MoE losses per layer (for the log line and TensorBoard)."""
+    def after_step(self, num_microbatches: int, writers=None) -> dict[str, torch.Tensor]:
+        """This step's MoE losses per layer (for the log line and TensorBoard); on the saving iterations of
+        --save-tokens-per-expert-interval the tokens per expert go to their files and `writers`."""
         reset_global_aux_loss(self.module)
-        return moe_step_losses(self.cfg, num_microbatches, self.tp_group, self.dp_group)
+        if self.tokens_per_expert is not None:
+            self.tokens_per_expert.finish(writers)
+        return moe_step_losses(self.cfg, num_microbatches, self.tp_group, self.dp_group, self.pp_group)

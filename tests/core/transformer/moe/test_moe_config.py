@@ -79,11 +79,8 @@ def test_flags_parse_to_megatron_dests():
         ({**MOE, "moe_router_score_function": "sqrtsoftplus"}, 1, "is not implemented in megatron-lite"),
         ({**MOE, "moe_layer_recompute": True}, 1, "not implemented yet (issue 14)"),
         ({**MOE, "moe_shared_expert_intermediate_size": 64}, 1, "shared experts have no biases"),
-        (
-            {**MOE, "expert_model_parallel_size": 2, "use_distributed_optimizer": True},
-            2,
-            "not implemented yet (issue 14)",
-        ),
+        ({**MOE, "moe_layer_freq": 0}, 1, "--moe-layer-freq 0: an integer frequency must be >= 1"),
+        ({**MOE, "moe_layer_freq": "([0]*1+[2]*1)"}, 1, "the pattern may only hold 0 (dense) and 1 (MoE)"),
         ({**MOE, "tensor_model_parallel_size": 2, "add_bias_linear": False}, 2, "needs --sequence-parallel"),
     ],
 )

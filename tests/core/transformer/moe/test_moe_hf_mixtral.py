@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from megatron_lite.convert import export_to_hf
 from megatron_lite.convert.hf_import import import_from_hf
 from megatron_lite.core.models.gpt import GPTModel
 from megatron_lite.errors import UserError
+from megatron_lite.inference.cli import generate_main
 from megatron_lite.parallel_state import ParallelState
 from megatron_lite.training.checkpointing import save_checkpoint
 from tests.helpers import tiny_flags
@@ -78,3 +82,32 @@ def test_mixtral_export_refuses_what_it_cannot_express(tmp_path, extra, message)
     with pytest.raises(UserError) as err:
         export_to_hf(tmp_path / "ckpt", tmp_path / "hf")
     assert message in str(err.value)
+
+
+def test_mixtral_export_greedy_generate_writes_our_tokens(tmp_path):
+    """HF's greedy generate on the exported model == tools/generate.py --greedy (KV cache) on the checkpoint."""
+    torch.manual_seed(1)
+    model = _model(f"{MIXTRAL} --tokenizer-type NullTokenizer")  # ids as text; end-of-document 69
+    save_checkpoint(tmp_path / "ckpt", 2, model, None, None, model.config, None, consumed_train_samples=0)
+    export_to_hf(tmp_path / "ckpt", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    # within --max-position-embeddings 16: past it our generation slides its window, HF does not
+    prompt, new_tokens, eod = [5, 17, 3, 44, 9, 60], 10, 69
+    with torch.no_grad():  # an explicit mask: HF would otherwise mask prompt ids equal to pad_token_id
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=eod,
+            pad_token_id=eod,
+        )
+    theirs = out[0, len(prompt) :].tolist()
+    theirs = theirs[:-1] if theirs and theirs[-1] == eod else theirs
+    text = io.StringIO()
+    argv = ["--load", str(tmp_path / "ckpt"), "--prompt", " ".join(map(str, prompt)), "--greedy"]
+    with contextlib.redirect_stdout(text):
+        assert generate_main([*argv, "--device", "cpu", "--max-new-tokens", str(new_tokens)]) == 0
+    ours = [int(t) for t in text.getvalue().split()]
+    assert ours[: len(prompt)] == prompt
+    assert ours[len(prompt) :] == theirs and len(theirs) >= 4
